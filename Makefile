@@ -1,0 +1,56 @@
+# diffmesh — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STUBS := libs/diffmesh/src/diffmesh/v1
+PROTOS := $(wildcard proto/diffmesh/v1/*.proto)
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-z][a-z0-9-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): libs/diffmesh/pyproject.toml services/*/pyproject.toml requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: a CPU build from local disk; a bare `torch` would pull a CUDA build
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q -e 'libs/diffmesh[demo,sim]' -e services/cache-coordinator -e services/router \
+		-e services/instance-manager -e services/worker
+	touch $(STAMP)
+
+venv: $(STAMP) ## create .venv and install every package (editable) with dev tools
+
+$(STUBS)/.stamp: $(PROTOS) $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=libs/diffmesh/src --grpc_python_out=libs/diffmesh/src \
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --mypy_out=libs/diffmesh/src \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=libs/diffmesh/src $(PROTOS)
+	touch $@
+
+proto: $(STUBS)/.stamp ## generate Python stubs from proto/ (gitignored)
+
+run: proto ## run the whole mesh locally, send demo requests, write PNGs to out/demo
+	$(VENV)/bin/diffmesh run --out out/demo
+
+test: proto ## run the test suite (unit, contract, e2e, static)
+	$(PY) -m pytest -q -rs tests
+
+lint: proto ## ruff and mypy on our own packages
+	$(VENV)/bin/ruff check libs services tests bench
+	$(VENV)/bin/mypy libs/diffmesh/src services/*/src
+
+sim: proto ## trace-driven simulator on ../shared/traces/alibaba-genai-2026 (see README)
+	$(VENV)/bin/diffmesh sim --trace $${DIFFMESH_TRACE:-../shared/traces/alibaba-genai-2026} --json out/sim.json --plot out/sim.png
+
+bench-load: proto ## loading benchmark on a generated SD1.5-size UNet (see bench/README.md)
+	$(PY) bench/load_bench.py --json out/bench-load.json
+
+clean: ## remove generated stubs and local outputs
+	rm -f $(STUBS)/*_pb2*.py $(STUBS)/*_pb2*.pyi $(STUBS)/.stamp
+	rm -rf out .diffmesh
+
+.PHONY: help venv proto run test lint sim bench-load clean

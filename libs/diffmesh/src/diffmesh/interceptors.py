@@ -1,0 +1,99 @@
+"""Server interceptor that maps exceptions to gRPC statuses — the only place that does.
+
+* :class:`~diffmesh.errors.DiffmeshError` → its own code, message and trailing metadata.
+* :class:`grpc.aio.AioRpcError` raised by a downstream call → the same code and details,
+  so a worker's INVALID_ARGUMENT reaches the router's client unchanged.
+* :class:`TimeoutError` → DEADLINE_EXCEEDED.
+* anything else → INTERNAL with a short message (the traceback goes to the log only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from diffmesh.errors import DiffmeshError
+
+log = logging.getLogger("diffmesh.errors")
+
+
+async def _abort(context: aio.ServicerContext, method: str, exc: BaseException) -> None:
+    if isinstance(exc, DiffmeshError):
+        md = exc.trailing_metadata()
+        if md:
+            context.set_trailing_metadata(md)
+        log.info("rpc failed", extra={"method": method, "code": exc.code.name, "detail": exc.message})
+        await context.abort(exc.code, exc.message)
+    if isinstance(exc, aio.AioRpcError):
+        code = exc.code()
+        log.info("downstream rpc failed", extra={"method": method, "code": code.name, "detail": exc.details()})
+        md = tuple((k, v) for k, v in (exc.trailing_metadata() or ()) if k in {"retry-after-ms", "diffmesh-field"})
+        if md:
+            context.set_trailing_metadata(md)
+        await context.abort(code, exc.details() or code.name)
+    if isinstance(exc, TimeoutError):
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method}: deadline exceeded")
+    log.exception("unhandled error", exc_info=exc, extra={"method": method})
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
+
+
+def _passes_through(exc: BaseException) -> bool:
+    # AbortError: the handler aborted on its own; CancelledError: the client went away.
+    return isinstance(exc, (aio.AbortError, asyncio.CancelledError))
+
+
+def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(request: Any, context: aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except BaseException as exc:  # noqa: BLE001 - mapped to a status below
+            if _passes_through(exc):
+                raise
+            await _abort(context, method, exc)
+
+    return wrapper
+
+
+def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapper(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except BaseException as exc:  # noqa: BLE001 - mapped to a status below
+            if _passes_through(exc):
+                raise
+            await _abort(context, method, exc)
+
+    return wrapper
+
+
+class ErrorInterceptor(aio.ServerInterceptor):
+    """Maps handler exceptions to gRPC statuses for unary-unary and unary-stream RPCs."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

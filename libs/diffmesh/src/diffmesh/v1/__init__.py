@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC stubs of package ``diffmesh.v1`` (built by ``make proto``, never committed)."""
