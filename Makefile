@@ -36,7 +36,17 @@ proto: $(STUBS)/.stamp ## generate Python stubs from proto/ (gitignored)
 run: proto ## run the whole mesh locally, send demo requests, write PNGs to out/demo
 	$(VENV)/bin/diffmesh run --out out/demo
 
-test: proto ## run the test suite (unit, contract, e2e, static)
+COMPOSE_SCHEMA := .cache/compose_spec.json
+$(COMPOSE_SCHEMA): | $(STAMP)
+	# The compose-spec JSON schema as shipped inside the docker-compose 1.29.2 wheel (PyPI).
+	mkdir -p .cache/wheels
+	$(PIP) download -q --no-deps docker-compose==1.29.2 -d .cache/wheels
+	$(PY) -c "import glob, zipfile; w = glob.glob('.cache/wheels/docker_compose-1.29.2-*.whl')[0]; \
+		open('$@', 'wb').write(zipfile.ZipFile(w).read('compose/config/compose_spec.json'))"
+
+compose-schema: $(COMPOSE_SCHEMA) ## fetch the compose-spec schema used by the static compose test
+
+test: proto $(COMPOSE_SCHEMA) ## run the test suite (unit, contract, e2e, static)
 	$(PY) -m pytest -q -rs tests
 
 lint: proto ## ruff and mypy on our own packages
@@ -53,4 +63,4 @@ clean: ## remove generated stubs and local outputs
 	rm -f $(STUBS)/*_pb2*.py $(STUBS)/*_pb2*.pyi $(STUBS)/.stamp
 	rm -rf out .diffmesh
 
-.PHONY: help venv proto run test lint sim bench-load clean
+.PHONY: help venv proto compose-schema run test lint sim bench-load clean

@@ -1,0 +1,1 @@
+"""diffmesh router: the public gRPC API (validation, placement, forwarding, request records)."""
