@@ -51,7 +51,7 @@ test: proto $(COMPOSE_SCHEMA) ## run the test suite (unit, contract, e2e, static
 
 lint: proto ## ruff and mypy on our own packages
 	$(VENV)/bin/ruff check libs services tests bench
-	$(VENV)/bin/mypy libs/diffmesh/src services/*/src
+	$(VENV)/bin/mypy -p diffmesh -p diffmesh_router -p diffmesh_coordinator -p diffmesh_instance_manager -p diffmesh_worker
 
 sim: proto ## trace-driven simulator on ../shared/traces/alibaba-genai-2026 (see README)
 	$(VENV)/bin/diffmesh sim --trace $${DIFFMESH_TRACE:-../shared/traces/alibaba-genai-2026} --json out/sim.json --plot out/sim.png

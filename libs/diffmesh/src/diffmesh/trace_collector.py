@@ -162,7 +162,7 @@ class _TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, store: SpanStore) -> None:
         self.store = store
 
-    def Export(  # noqa: N802 - gRPC method name
+    def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         self.store.add(flatten(request))

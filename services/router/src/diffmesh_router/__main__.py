@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from diffmesh.server import serve
+
 from diffmesh_router.app import RouterApp
 from diffmesh_router.settings import RouterSettings
 

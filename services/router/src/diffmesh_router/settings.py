@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from diffmesh.settings import ServiceSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
-
-from diffmesh.settings import ServiceSettings
 
 
 class RouterSettings(ServiceSettings):

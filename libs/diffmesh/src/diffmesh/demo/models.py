@@ -18,16 +18,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from diffmesh.artifacts import artifact_bytes, artifact_sha256
+from diffmesh.demo.safetensors_header import canonicalize_header
 from diffmesh.demo.tokenizer import build_tokenizer, special_ids
-
-if TYPE_CHECKING:
-    from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
 
 FAMILY = "sd15"
 CATALOG_NAME = "catalog.json"
@@ -68,6 +67,11 @@ CONTROLNETS = (DemoModel("controlnet-edges", "CONTROLNET", "Edges", 3001, {"cond
 REFERENCE_BASE = BASES[0]
 
 Progress = Callable[[str], None]
+# diffusers' classes gain most methods through mixins that mypy does not see: these
+# aliases only document what a value is.
+UNet = Any
+Pipeline = Any
+ControlNet = Any
 
 
 def demo_models() -> tuple[DemoModel, ...]:
@@ -90,7 +94,7 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_unet(seed: int) -> UNet2DConditionModel:
+def build_unet(seed: int) -> UNet:
     """A random-weight SD1.5-shaped UNet at toy width."""
     from diffusers import UNet2DConditionModel
 
@@ -109,7 +113,7 @@ def build_unet(seed: int) -> UNet2DConditionModel:
     )
 
 
-def build_pipeline(seed: int) -> StableDiffusionPipeline:
+def build_pipeline(seed: int) -> Pipeline:
     """A complete random-weight tiny ``StableDiffusionPipeline`` (fp32, no safety checker)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -172,7 +176,18 @@ def lora_config() -> Any:
     return LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, init_lora_weights=False, target_modules=list(LORA_TARGETS))
 
 
-def write_lora(unet: UNet2DConditionModel, seed: int, path: Path) -> None:
+def lora_metadata(cfg: Any) -> dict[str, Any]:
+    """``cfg`` as the adapter metadata stored in the file header (this keeps alpha on load).
+
+    peft keeps ``target_modules`` as a set, whose order changes with the process's hash
+    seed; it is sorted so that the file bytes are reproducible.
+    """
+    metadata: dict[str, Any] = cfg.to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])
+    return metadata
+
+
+def write_lora(unet: UNet, seed: int, path: Path) -> None:
     """Attach a random LoRA to ``unet``, save it as a diffusers LoRA file, then detach it."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -188,13 +203,14 @@ def write_lora(unet: UNet2DConditionModel, seed: int, path: Path) -> None:
             unet_lora_layers=state,
             weight_name=path.name,
             safe_serialization=True,
-            unet_lora_adapter_metadata=cfg.to_dict(),
+            unet_lora_adapter_metadata=lora_metadata(cfg),
         )
     finally:
         unet.delete_adapters("demo")
+    canonicalize_header(path)
 
 
-def build_controlnet(unet: UNet2DConditionModel, seed: int) -> ControlNetModel:
+def build_controlnet(unet: UNet, seed: int) -> ControlNet:
     """A ControlNet shaped after ``unet`` with its zero-initialised output layers randomised."""
     import torch
     from diffusers import ControlNetModel
@@ -253,11 +269,9 @@ def write_demo_models(root: Path, *, force: bool = False, progress: Progress | N
     """Write every demo model and ``catalog.json`` under ``root``; returns the catalog path.
 
     When the catalog already lists every model of this generator version and every
-    artifact matches its recorded size and sha256, nothing is rewritten unless ``force`` is set. ``progress``
-    receives one line per written artifact.
+    artifact matches its recorded size and sha256, nothing is rewritten unless ``force``
+    is set. ``progress`` receives one line per step (one per written artifact).
     """
-    import torch
-
     root = Path(root).resolve()
     catalog_path = root / CATALOG_NAME
     say = progress or (lambda _line: None)
@@ -265,10 +279,40 @@ def write_demo_models(root: Path, *, force: bool = False, progress: Progress | N
         say(f"demo models in {root} are up to date")
         return catalog_path
 
+    say("importing torch and diffusers")
+    with _quiet_progress_bars():
+        _write_all(root, say)
+    catalog = {"components": [catalog_entry(root, model) for model in demo_models()]}
+    tmp = catalog_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(catalog, indent=2) + "\n")
+    os.replace(tmp, catalog_path)
+    say(f"catalog     {catalog_path} ({len(catalog['components'])} components)")
+    return catalog_path
+
+
+@contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    """Hide transformers' per-save "Writing model shards" bars, restoring the setting after."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _write_all(root: Path, say: Progress) -> None:
+    """Write every artifact (not the catalog) under ``root``."""
+    import torch
+
+    catalog_path = root / CATALOG_NAME
     root.mkdir(parents=True, exist_ok=True)
     # The catalog goes last: its presence means the set is complete.
     catalog_path.unlink(missing_ok=True)
-    reference_unet: UNet2DConditionModel | None = None
+    reference_unet: UNet | None = None
     with torch.no_grad():
         for model in BASES:
             target = artifact_path(root, model)
@@ -292,9 +336,3 @@ def write_demo_models(root: Path, *, force: bool = False, progress: Progress | N
         target.parent.mkdir(parents=True, exist_ok=True)
         write_lora(reference_unet, model.seed, target)
         say(f"lora        {model.id:<18} {artifact_bytes(target):>10,} B")
-    catalog = {"components": [catalog_entry(root, model) for model in demo_models()]}
-    tmp = catalog_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(catalog, indent=2) + "\n")
-    os.replace(tmp, catalog_path)
-    say(f"catalog     {catalog_path} ({len(catalog['components'])} components)")
-    return catalog_path

@@ -7,7 +7,7 @@ a few merges of common English pairs and the two CLIP special tokens.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -55,7 +55,9 @@ def build_tokenizer() -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
     vocab, merges = demo_vocab()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH)
+    # The backend takes merges as pairs although the annotation says strings.
+    pairs: Any = merges
+    return CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=MODEL_MAX_LENGTH)
 
 
 def special_ids() -> tuple[int, int]:

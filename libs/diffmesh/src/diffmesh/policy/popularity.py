@@ -1,0 +1,129 @@
+"""Popularity: exponentially time-decayed request counters and popularity bands.
+
+A counter's value halves every ``half_life_s`` seconds without requests and grows by one
+(or by ``amount``) with each request. The decayed count divided by the mean lifetime
+``half_life_s / ln 2`` estimates the current request rate. Ranking keys by decayed count
+gives the bands: ``HOT`` (top ``hot_fraction`` of the ranked keys), ``WARM`` (the next
+``warm_fraction``) and ``COLD`` (the rest). Time is always an argument: no clocks here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+LN2 = math.log(2.0)
+
+
+class Band(StrEnum):
+    """Popularity band of a pipeline (or component)."""
+
+    HOT = "HOT"
+    WARM = "WARM"
+    COLD = "COLD"
+
+
+@dataclass(frozen=True)
+class BandThresholds:
+    """Fractions of the ranked keys in each band (settings; the paper's 5 % / 25 %)."""
+
+    hot_fraction: float = 0.05
+    warm_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.hot_fraction <= 1.0 and 0.0 <= self.warm_fraction <= 1.0):
+            raise ValueError("band fractions must lie in [0, 1]")
+        if self.hot_fraction + self.warm_fraction > 1.0:
+            raise ValueError("hot_fraction + warm_fraction must not exceed 1")
+
+
+class DecayedCounter(Generic[K]):
+    """Exponentially time-decayed counts per key.
+
+    ``add`` and ``count`` are O(1); ``ranked`` sorts the live keys. Times must not go
+    backwards for one key (an earlier time is treated as the key's last update time).
+    """
+
+    def __init__(self, half_life_s: float) -> None:
+        if half_life_s <= 0:
+            raise ValueError("half_life_s must be positive")
+        self.half_life_s = float(half_life_s)
+        self._lambda = LN2 / self.half_life_s
+        self._value: dict[K, float] = {}
+        self._stamp: dict[K, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._value)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._value
+
+    def add(self, key: K, t: float, amount: float = 1.0) -> float:
+        """Record ``amount`` requests for ``key`` at time ``t``; returns the new decayed count."""
+        old = self._value.get(key)
+        if old is None:
+            value = amount
+        else:
+            dt = t - self._stamp[key]
+            value = (old * math.exp(-self._lambda * dt) if dt > 0 else old) + amount
+        self._value[key] = value
+        self._stamp[key] = max(t, self._stamp.get(key, t))
+        return value
+
+    def count(self, key: K, t: float) -> float:
+        """Decayed count of ``key`` at time ``t`` (0 for unknown keys)."""
+        old = self._value.get(key)
+        if old is None:
+            return 0.0
+        dt = t - self._stamp[key]
+        return old * math.exp(-self._lambda * dt) if dt > 0 else old
+
+    def rate(self, key: K, t: float) -> float:
+        """Estimated request rate of ``key`` at ``t`` (requests per second)."""
+        return self.count(key, t) * self._lambda
+
+    def ranked(self, t: float, keys: Iterable[K] | None = None) -> list[tuple[K, float]]:
+        """``(key, decayed count)`` sorted by count, highest first; ties by key order of insertion."""
+        lam = self._lambda
+        items = self._value.items() if keys is None else ((k, self._value[k]) for k in keys if k in self._value)
+        scored = [(k, v * math.exp(-lam * (t - self._stamp[k])) if t > self._stamp[k] else v) for k, v in items]
+        scored.sort(key=lambda kv: -kv[1])
+        return scored
+
+    def total(self, t: float) -> float:
+        """Sum of all decayed counts at ``t``."""
+        return sum(c for _, c in self.ranked(t))
+
+    def prune(self, t: float, min_count: float) -> int:
+        """Forget keys whose decayed count fell below ``min_count``; returns how many."""
+        dead = [k for k, _ in self.ranked(t) if self.count(k, t) < min_count]
+        for k in dead:
+            del self._value[k]
+            del self._stamp[k]
+        return len(dead)
+
+
+def band_sizes(n: int, thresholds: BandThresholds) -> tuple[int, int]:
+    """How many of ``n`` ranked keys are HOT and WARM.
+
+    Counts round up so that any non-empty ranking has at least one HOT key.
+    """
+    if n <= 0:
+        return 0, 0
+    hot = min(n, math.ceil(n * thresholds.hot_fraction - 1e-9))
+    warm_end = min(n, math.ceil(n * (thresholds.hot_fraction + thresholds.warm_fraction) - 1e-9))
+    return hot, max(0, warm_end - hot)
+
+
+def assign_bands(ranked_keys: Sequence[K], thresholds: BandThresholds = BandThresholds()) -> dict[K, Band]:
+    """Bands for keys listed most popular first; keys not listed are COLD by convention."""
+    hot, warm = band_sizes(len(ranked_keys), thresholds)
+    bands: dict[K, Band] = {}
+    for i, key in enumerate(ranked_keys):
+        bands[key] = Band.HOT if i < hot else Band.WARM if i < hot + warm else Band.COLD
+    return bands

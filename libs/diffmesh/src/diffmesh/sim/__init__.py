@@ -1,0 +1,1 @@
+"""Trace-driven discrete-event simulator comparing diffmesh with baseline serving systems."""

@@ -1,0 +1,687 @@
+"""The discrete-event simulator.
+
+Events are request arrivals (from the workload, time-compressed), request completions
+(a heap) and, for diffmesh, periodic plan ticks. Each worker owns one GPU and serves its
+FIFO queue one request at a time: it loads what the pipeline misses on the GPU from the
+best tier of its node (HOST, else SSD, else REMOTE, which also fills SSD and HOST), makes
+room for the activations, then denoises. Node tiers and GPUs are
+:class:`~diffmesh.policy.eviction.BoundedCache` objects driven by the same eviction,
+admission, popularity, replica, fusion, prefetch and routing code the services import.
+
+Per event the work is bounded by the pipeline's components and a handful of candidate
+workers (those holding the base, the HOT replicas, the least-busy worker of each node),
+so a run costs O(requests × (components + nodes)) plus eviction scans.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from diffmesh.policy.admission import ColdAdmission
+from diffmesh.policy.eviction import BoundedCache, EvictionPolicy, LRUEviction, UtilityEviction
+from diffmesh.policy.fusion import overlay_bytes, plan_fusion
+from diffmesh.policy.popularity import Band, DecayedCounter, assign_bands
+from diffmesh.policy.prefetch import BanditPrefetcher, time_bucket
+from diffmesh.policy.replicas import HotPipeline, WorkerSlot, plan_hot_replicas
+from diffmesh.policy.routing import choose_worker, pipeline_load_s
+from diffmesh.sim.calibration import Calibration, compute_s, jitter_factor
+from diffmesh.sim.config import GB, ClusterConfig, PolicySettings, SystemSpec
+from diffmesh.trace.model import Workload
+from diffmesh.trace.sizes import FAMILIES
+
+UNFUSED_LORA_OVERHEAD = 0.10
+"""Extra denoising time per unfused LoRA (the adapter's low-rank matmuls run every step)."""
+OVERLAY_INIT_S = 0.1
+NEAR_CANDIDATES = 3
+INF = math.inf
+
+
+@dataclass
+class SimResult:
+    """Per-request outcomes and totals of one simulated system."""
+
+    name: str
+    latency_s: np.ndarray
+    queue_wait_s: np.ndarray
+    queue_len: np.ndarray
+    misses: int
+    remote_bytes: int
+    ssd_bytes: int
+    gpu_loads: int
+    busy_s: float
+    span_s: float
+    gpus: int
+    wall_s: float
+
+    def summary(self) -> dict[str, float | int]:
+        """The per-system JSON object of ``diffmesh sim``."""
+        lat = self.latency_s
+        q = self.queue_len
+        return {
+            "requests": int(lat.size),
+            "latency_mean_s": round(float(lat.mean()), 4),
+            "latency_p50_s": round(float(np.percentile(lat, 50)), 4),
+            "latency_p95_s": round(float(np.percentile(lat, 95)), 4),
+            "latency_p99_s": round(float(np.percentile(lat, 99)), 4),
+            "queue_mean": round(float(q.mean()), 4),
+            "queue_p99": round(float(np.percentile(q, 99)), 4),
+            "misses": int(self.misses),
+            "remote_bytes": int(self.remote_bytes),
+            "ssd_bytes": int(self.ssd_bytes),
+            "gpu_busy": round(self.busy_s / (self.gpus * self.span_s), 4) if self.span_s > 0 else 0.0,
+            "wall_s": round(self.wall_s, 4),
+        }
+
+
+class Prepared:
+    """Everything about a workload that does not depend on the system: costs, sizes, compute."""
+
+    def __init__(self, workload: Workload, cal: Calibration, cluster: ClusterConfig, compression: float) -> None:
+        self.workload = workload
+        self.cal = cal
+        self.cluster = cluster
+        self.compression = compression
+        comps = workload.components
+        n_c = len(comps)
+        self.catalog_bytes = sum(c.nbytes for c in comps)
+        kinds = [c.kind for c in comps]
+        nbytes = [c.nbytes for c in comps]
+        median_bytes = {}
+        for kind in {"BASE", "LORA", "CONTROLNET"}:
+            sizes = [b for b, k in zip(nbytes, kinds, strict=True) if k == kind]
+            median_bytes[kind] = float(np.median(sizes)) if sizes else 1.0
+        init = [cal.init_s[k] for k in kinds]
+        xfer = [(cal.median_s[k] - cal.init_s[k]) * b / median_bytes[k] for k, b in zip(kinds, nbytes, strict=True)]
+        # Overlays (fused pipelines) get component indices after the catalog.
+        self.overlay_of: dict[int, int] = {}
+        self.overlay_pipe: dict[int, int] = {}
+        for p, pipe in enumerate(workload.pipelines):
+            if pipe.loras:
+                o = n_c + len(self.overlay_of)
+                self.overlay_of[p] = o
+                self.overlay_pipe[o] = p
+                base = pipe.base
+                kinds.append("FUSED")
+                nbytes.append(overlay_bytes(nbytes[base]))
+                init.append(OVERLAY_INIT_S)
+                xfer.append(xfer[base] * nbytes[-1] / max(1, nbytes[base]))
+        self.kind = kinds
+        self.nbytes = nbytes
+        self.remote_cost = [i + x for i, x in zip(init, xfer, strict=True)]
+        self.ssd_cost = [i + x / cal.ssd_speedup for i, x in zip(init, xfer, strict=True)]
+        self.host_cost = [i + x / cal.host_speedup for i, x in zip(init, xfer, strict=True)]
+        self.n_components = n_c
+
+        pipes = workload.pipelines
+        self.base = [p.base for p in pipes]
+        self.others = [p.loras + p.controlnets for p in pipes]
+        self.loras = [p.loras for p in pipes]
+        self.family = [comps[p.base].family for p in pipes]
+        self.comps = [(p.base, *p.loras, *p.controlnets) for p in pipes]
+        self.fused_comps = [((p.base, self.overlay_of[j], *p.controlnets) if j in self.overlay_of else None) for j, p in enumerate(pipes)]
+        self.weights = [sum(nbytes[c] for c in cs) for cs in self.comps]
+        self.fused_weights = [(sum(nbytes[c] for c in fc) if fc else 0) for fc in self.fused_comps]
+        self.keys = [p.key for p in pipes]
+
+        pid = workload.pipeline
+        self.req_pipe = pid.tolist()
+        self.arrival = (workload.arrival_s / compression).tolist()
+        self.trace_time = (workload.arrival_s + workload.start_epoch_s).tolist()
+        gpu_bytes = int(cluster.gpu_gb * GB)
+        self.gpu_bytes = gpu_bytes
+        comp_s = []
+        act = []
+        for i in range(len(workload)):
+            p = self.req_pipe[i]
+            fam = FAMILIES[self.family[p]]
+            imgs = int(workload.images[i])
+            comp_s.append(compute_s(cal, int(workload.steps[i]), imgs, fam.name))
+            a = int(fam.activation_gb_per_image * GB * imgs)
+            # A batch that cannot fit beside the weights on an empty GPU runs in sub-batches.
+            act.append(max(0, min(a, gpu_bytes - self.weights[p])))
+        self.compute = comp_s
+        self.act = act
+
+    @property
+    def mean_compute_s(self) -> float:
+        """Mean denoising seconds per request."""
+        return float(np.mean(self.compute)) if self.compute else 0.0
+
+
+class _GpuModel:
+    """UtilityModel of one worker's GPU copies."""
+
+    def __init__(self, sim: Simulator, w: int) -> None:
+        self.sim = sim
+        self.w = w
+        self.node = w // sim.gpn
+
+    def rate(self, key: int, t: float) -> float:
+        return self.sim.comp_pop.rate(key, t)
+
+    def reload_cost_s(self, key: int) -> float:
+        return self.sim.node_cost(self.node, key)
+
+    def kind(self, key: int) -> str:
+        return self.sim.prep.kind[key]
+
+    def pinned(self, key: int) -> bool:
+        return key in self.sim.pinned[self.w]
+
+
+class _HostModel:
+    def __init__(self, sim: Simulator, n: int) -> None:
+        self.sim = sim
+        self.n = n
+
+    def rate(self, key: int, t: float) -> float:
+        return self.sim.comp_pop.rate(key, t)
+
+    def reload_cost_s(self, key: int) -> float:
+        p = self.sim.prep
+        return p.ssd_cost[key] if key in self.sim.ssd[self.n] else p.remote_cost[key]
+
+    def kind(self, key: int) -> str:
+        return self.sim.prep.kind[key]
+
+    def pinned(self, key: int) -> bool:
+        return key in self.sim.node_pinned[self.n]
+
+
+class _SsdModel(_HostModel):
+    def reload_cost_s(self, key: int) -> float:
+        return self.sim.prep.remote_cost[key]
+
+
+class Simulator:
+    """One system on one prepared workload."""
+
+    def __init__(self, prep: Prepared, spec: SystemSpec, settings: PolicySettings | None = None, seed: int = 0) -> None:
+        self.prep = prep
+        self.spec = spec
+        self.settings = settings or PolicySettings()
+        self.seed = seed
+        cl = prep.cluster
+        self.nodes = cl.nodes
+        self.gpn = cl.gpus_per_node
+        self.W = cl.gpus
+        st = self.settings
+        utility = spec.eviction == "utility"
+        self.comp_pop: DecayedCounter[int] = DecayedCounter(st.half_life_s)
+        self.pipe_pop: DecayedCounter[int] = DecayedCounter(st.half_life_s)
+        self.pipe_work: DecayedCounter[int] = DecayedCounter(st.half_life_s)
+        self.pinned: list[set[int]] = [set() for _ in range(self.W)]
+        self.pinned_bytes = [0] * self.W
+        self.node_pinned: list[set[int]] = [set() for _ in range(self.nodes)]
+        host_b = cl.host_bytes(prep.catalog_bytes)
+        ssd_b = cl.ssd_bytes(prep.catalog_bytes)
+        self.host_capacity, self.ssd_capacity = host_b, ssd_b
+
+        def policy(model: _GpuModel | _HostModel, horizon: float) -> EvictionPolicy[int]:
+            return UtilityEviction(model, horizon) if utility else LRUEviction()
+
+        self.gpu: list[BoundedCache[int]] = [BoundedCache(prep.gpu_bytes, policy(_GpuModel(self, w), st.horizon_gpu_s)) for w in range(self.W)]
+        self.host: list[BoundedCache[int]] = [BoundedCache(host_b, policy(_HostModel(self, n), st.horizon_host_s)) for n in range(self.nodes)]
+        self.ssd: list[BoundedCache[int]] = [BoundedCache(ssd_b, policy(_SsdModel(self, n), st.horizon_ssd_s)) for n in range(self.nodes)]
+        self.host_ready: list[dict[int, float]] = [{} for _ in range(self.nodes)]
+        self.ssd_ready: list[dict[int, float]] = [{} for _ in range(self.nodes)]
+        self.gpu_holders: dict[int, set[int]] = {}
+        self.queue: list[deque[int]] = [deque() for _ in range(self.W)]
+        self.running = [False] * self.W
+        self.outstanding = [0] * self.W
+        self.est_free = [0.0] * self.W
+        self.rr = 0
+        # Ray Serve model sets and pipeline holders.
+        self.models: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(self.W)]
+        self.pipe_holders: dict[int, set[int]] = {}
+        # diffmesh plan state.
+        self.band: dict[int, Band] = {}
+        self.fused: set[int] = set()
+        self.replicas: dict[int, list[int]] = {}
+        self.pool_by_node: list[list[int]] = [list(range(n * self.gpn, (n + 1) * self.gpn)) for n in range(self.nodes)]
+        self.admission = ColdAdmission()
+        self.bandit: BanditPrefetcher[int] = BanditPrefetcher(seed=seed)
+        self.prefetched: dict[tuple[int, int], tuple[int, int]] = {}
+        self.bucket = -1
+        self.ticks = 0
+        self.warm: list[int] = []
+        # Metrics.
+        n = len(prep.req_pipe)
+        self.latency = np.zeros(n)
+        self.wait = np.zeros(n)
+        self.qlen = np.zeros(n, dtype=np.int32)
+        self.est_service = [0.0] * n
+        self.waiting = 0
+        self.misses = 0
+        self.remote_bytes = 0
+        self.ssd_bytes = 0
+        self.gpu_loads = 0
+        self.busy = 0.0
+        self.heap: list[tuple[float, int, int, int]] = []
+        self.seq = 0
+
+    # ---- tiers -------------------------------------------------------------------------
+
+    def node_cost(self, n: int, c: int) -> float:
+        """Load seconds of component ``c`` to a GPU of node ``n`` from its best node tier (no jitter)."""
+        p = self.prep
+        if c in self.host[n].sizes:
+            return p.host_cost[c]
+        if c in self.ssd[n].sizes:
+            return p.ssd_cost[c]
+        if c in p.overlay_pipe:
+            return self._overlay_build_estimate(n, c)
+        return p.remote_cost[c]
+
+    def _overlay_build_estimate(self, n: int, o: int) -> float:
+        p = self.prep
+        pipe = p.overlay_pipe[o]
+        return sum(self.node_cost(n, lo) for lo in p.loras[pipe]) + p.host_cost[o]
+
+    def _gpu_drop(self, w: int, victims: list[int] | None) -> None:
+        if not victims:
+            return
+        for v in victims:
+            hs = self.gpu_holders.get(v)
+            if hs is not None:
+                hs.discard(w)
+
+    def _admit(self, cache: BoundedCache[int], ready: dict[int, float], c: int, t: float, at: float, cold: bool, n: int, is_host: bool) -> bool:
+        nbytes = self.prep.nbytes[c]
+        if cold and self.spec.admission:
+            victims = cache.plan_insert(nbytes, t, ())
+            score = self.comp_pop.count(c, t)
+            if not self.admission.admit(score, nbytes, cache.free, None if victims is None else [self.comp_pop.count(v, t) for v in victims]):
+                return False
+        evicted = cache.insert(c, nbytes, t)
+        if evicted is None:
+            return False
+        for v in evicted:
+            ready.pop(v, None)
+            if is_host and self.prefetched:
+                rec = self.prefetched.pop((n, v), None)
+                if rec is not None:
+                    self.bandit.reward(rec[0], rec[1], False)
+        ready[c] = at
+        return True
+
+    def _fetch_to_node(self, n: int, c: int, t: float, i: int, cold: bool) -> float:
+        """Bring ``c`` to node ``n``'s tiers if needed; returns seconds until a GPU there can load it."""
+        p = self.prep
+        host, ssd = self.host[n], self.ssd[n]
+        if c in host.sizes:
+            host.access(c, t)
+            if self.prefetched:
+                rec = self.prefetched.pop((n, c), None)
+                if rec is not None:
+                    self.bandit.reward(rec[0], rec[1], True)
+            return max(p.host_cost[c], self.host_ready[n].get(c, 0.0) - t)
+        nbytes = p.nbytes[c]
+        if c in ssd.sizes:
+            ssd.access(c, t)
+            cost = max(p.ssd_cost[c], self.ssd_ready[n].get(c, 0.0) - t)
+            self.ssd_bytes += nbytes
+            self._admit(host, self.host_ready[n], c, t, t + cost, cold, n, True)
+            return cost
+        if c in p.overlay_pipe:
+            pipe = p.overlay_pipe[c]
+            cost = sum(self._fetch_to_node(n, lo, t, i, cold) for lo in p.loras[pipe]) + p.host_cost[c]
+            self.ssd_bytes += nbytes
+            self._admit(ssd, self.ssd_ready[n], c, t, t + cost, False, n, False)
+            self._admit(host, self.host_ready[n], c, t, t + cost, False, n, True)
+            return cost
+        cost = p.remote_cost[c] * jitter_factor(p.cal, p.kind[c], c, i)
+        self.misses += 1
+        self.remote_bytes += nbytes
+        if self._admit(ssd, self.ssd_ready[n], c, t, t + cost, cold, n, False):
+            self.ssd_bytes += nbytes
+        self._admit(host, self.host_ready[n], c, t, t + cost, cold, n, True)
+        return cost
+
+    def _needed(self, p: int) -> tuple[int, ...]:
+        if p in self.fused:
+            fc = self.prep.fused_comps[p]
+            if fc is not None:
+                return fc
+        return self.prep.comps[p]
+
+    def _load(self, w: int, p: int, t: float, i: int) -> float:
+        """Make pipeline ``p`` resident on worker ``w``; returns the load seconds."""
+        n = w // self.gpn
+        gpu = self.gpu[w]
+        needed = self._needed(p)
+        protected: set[int] | tuple[int, ...] = needed
+        if self.pinned[w]:
+            protected = self.pinned[w].union(needed)
+        cold = self.band.get(p, Band.COLD) is Band.COLD
+        nb = self.prep.nbytes
+        costs = []
+        for c in needed:
+            if c in gpu.sizes:
+                gpu.access(c, t)
+                costs.append(0.0)
+                continue
+            cost = self._fetch_to_node(n, c, t, i, cold)
+            costs.append(cost)
+            self.gpu_loads += 1
+            evicted = gpu.insert(c, nb[c], t, protected)
+            if evicted is not None:
+                self._gpu_drop(w, evicted)
+                self.gpu_holders.setdefault(c, set()).add(w)
+        self._gpu_drop(w, gpu.make_room(self.prep.act[i], t, protected))
+        if len(costs) == 1:
+            return costs[0]
+        if self.spec.asymmetric:
+            return costs[0] + max(costs[1:])
+        return sum(costs)
+
+    def _est_load(self, w: int, needed: tuple[int, ...]) -> float:
+        sizes = self.gpu[w].sizes
+        n = w // self.gpn
+        base = 0.0 if needed[0] in sizes else self.node_cost(n, needed[0])
+        if len(needed) == 1:
+            return base
+        others = [0.0 if c in sizes else self.node_cost(n, c) for c in needed[1:]]
+        return pipeline_load_s(base, others, self.spec.asymmetric)
+
+    # ---- routing -----------------------------------------------------------------------
+
+    def _least_loaded(self) -> int:
+        out = self.outstanding
+        W = self.W
+        m = min(out)
+        start = self.rr
+        self.rr = (self.rr + 1) % W
+        for k in range(W):
+            w = (start + k) % W
+            if out[w] == m:
+                return w
+        return start
+
+    def _route_rayserve(self, p: int) -> int:
+        out = self.outstanding
+        holders = self.pipe_holders.get(p)
+        if holders:
+            ok = [w for w in holders if out[w] < self.spec.max_ongoing]
+            if ok:
+                return min(ok, key=lambda w: (out[w], w))
+        models = self.models
+        start = self.rr
+        self.rr = (self.rr + 1) % self.W
+        W = self.W
+        return min(((start + k) % W for k in range(W)), key=lambda w: (len(models[w]), out[w]))
+
+    def _route_modelmesh(self, p: int) -> int:
+        out = self.outstanding
+        needed = self.prep.comps[p]
+        holders = self.gpu_holders.get(needed[0], ())
+        best = -1
+        for w in holders:
+            sizes = self.gpu[w].sizes
+            if all(c in sizes for c in needed[1:]) and (best < 0 or out[w] < out[best] or (out[w] == out[best] and w < best)):
+                best = w
+        g = self._least_loaded()
+        if best < 0:
+            return g
+        if out[best] == 0 or out[best] <= out[g] + 1:
+            return best
+        return g
+
+    def _route_ect(self, i: int, p: int, t: float) -> int:
+        prep = self.prep
+        needed = self._needed(p)
+        weights = prep.fused_weights[p] if needed is not prep.comps[p] else prep.weights[p]
+        est_free = self.est_free
+        key = est_free.__getitem__
+        near: set[int] = set()
+        reps = self.replicas.get(p)
+        if reps:
+            near.update(reps)
+        holders = self.gpu_holders.get(needed[0])
+        if holders:
+            near.update(holders)
+        # Workers already holding the base differ mostly by their wait: the few least busy suffice.
+        cands = heapq.nsmallest(NEAR_CANDIDATES, near, key=key) if len(near) > NEAR_CANDIDATES else sorted(near)
+        for ws in self.pool_by_node:
+            if ws:
+                cands.append(min(ws, key=key))
+        seen: set[int] = set()
+        rows = []
+        nb = prep.nbytes
+        cap = prep.gpu_bytes
+        for w in cands:
+            if w in seen:
+                continue
+            seen.add(w)
+            free = cap
+            if self.pinned_bytes[w]:
+                pins = self.pinned[w]
+                free = cap - self.pinned_bytes[w] + sum(nb[c] for c in needed if c in pins)
+            rows.append((w, max(0.0, est_free[w] - t), self._est_load(w, needed), free))
+        best = choose_worker(rows, weights, prep.act[i], prep.compute[i])
+        if best is None:
+            w = min(range(self.W), key=lambda x: (self.pinned_bytes[x], est_free[x]))
+            load = self._est_load(w, needed)
+        else:
+            w = best[0]
+            load = next(r[2] for r in rows if r[0] == w)
+        service = load + self._compute(i, p)
+        est_free[w] = max(est_free[w], t) + service
+        self.est_service[i] = service
+        return w
+
+    def _compute(self, i: int, p: int) -> float:
+        n_lora = len(self.prep.loras[p])
+        if n_lora and p not in self.fused:
+            return self.prep.compute[i] * (1.0 + UNFUSED_LORA_OVERHEAD * n_lora)
+        return self.prep.compute[i]
+
+    # ---- diffmesh plan -----------------------------------------------------------------
+
+    def _tick(self, t: float) -> None:
+        st = self.settings
+        prep = self.prep
+        ranked = [(k, c) for k, c in self.pipe_pop.ranked(t) if c >= st.min_count]
+        if self.spec.fusion:
+            self.fused = {int(k) for k in plan_fusion(((str(k), c) for k, c in ranked), lambda s: bool(prep.loras[int(s)]), st.fusion_top_k)}
+        if not self.spec.bands:
+            return
+        self.band = assign_bands([k for k, _ in ranked], st.thresholds)
+        self.warm = [k for k, _ in ranked if self.band[k] is Band.WARM]
+        hot = [k for k, _ in ranked if self.band[k] is Band.HOT]
+        self.ticks += 1
+        if set(hot) == set(self.replicas) and self.ticks % st.replan_every:
+            return
+        total = sum(self.pipe_work.count(k, t) for k, _ in ranked) or 1.0
+        hp = []
+        for k in hot:
+            needed = self._needed(k)
+            hp.append(
+                HotPipeline(
+                    str(k),
+                    self.pipe_work.count(k, t) / total,
+                    str(needed[0]),
+                    prep.nbytes[needed[0]],
+                    sum(prep.nbytes[c] for c in needed[1:]),
+                )
+            )
+        budget = int(prep.gpu_bytes * st.pin_budget_fraction)
+        slots = [WorkerSlot(str(w), str(w // self.gpn), budget) for w in range(self.W)]
+        previous = {str(k): [str(w) for w in ws] for k, ws in self.replicas.items()}
+        plan = plan_hot_replicas(hp, slots, previous)
+        self.replicas = {int(k): [int(w) for w in ws] for k, ws in plan.items() if ws}
+        pinned: list[set[int]] = [set() for _ in range(self.W)]
+        for k, ws in self.replicas.items():
+            for w in ws:
+                pinned[w].update(self._needed(k))
+        self.pinned = pinned
+        self.pinned_bytes = [sum(prep.nbytes[c] for c in s) for s in pinned]
+        self.node_pinned = [set().union(*pinned[n * self.gpn : (n + 1) * self.gpn]) for n in range(self.nodes)]
+        pool = [[w for w in range(n * self.gpn, (n + 1) * self.gpn) if not pinned[w]] for n in range(self.nodes)]
+        self.pool_by_node = pool if any(pool) else [list(range(n * self.gpn, (n + 1) * self.gpn)) for n in range(self.nodes)]
+        for w in range(self.W):
+            if pinned[w] and not self.running[w]:
+                self._warm_up(w, t)
+
+    def _warm_up(self, w: int, t: float) -> None:
+        """Load a worker's newly pinned copies while it is idle (a replica is ready before traffic)."""
+        gpu = self.gpu[w]
+        missing = [c for c in sorted(self.pinned[w]) if c not in gpu.sizes]
+        if not missing:
+            return
+        n = w // self.gpn
+        total = 0.0
+        for c in missing:
+            total += self._fetch_to_node(n, c, t, 0, False)
+            self.gpu_loads += 1
+            evicted = gpu.insert(c, self.prep.nbytes[c], t, self.pinned[w])
+            if evicted is not None:
+                self._gpu_drop(w, evicted)
+                self.gpu_holders.setdefault(c, set()).add(w)
+        self.busy += total
+        self.running[w] = True
+        self.est_free[w] = max(self.est_free[w], t + total)
+        self.seq += 1
+        heapq.heappush(self.heap, (t + total, self.seq, w, -1))
+
+    def _home_node(self, p: int) -> int:
+        needed = self._needed(p)
+        best, best_bytes = -1, 0
+        for n in range(self.nodes):
+            held = sum(self.prep.nbytes[c] for c in needed if c in self.host[n].sizes or c in self.ssd[n].sizes)
+            if held > best_bytes:
+                best, best_bytes = n, held
+        return best if best >= 0 else needed[0] % self.nodes
+
+    def _prefetch(self, bucket: int, t: float, i: int) -> None:
+        if not self.warm:
+            return
+        for p in self.bandit.select(bucket, self.warm, self.settings.prefetch_per_bucket):
+            n = self._home_node(p)
+            for c in self._needed(p):
+                if c in self.host[n].sizes:
+                    continue
+                self._fetch_to_node(n, c, t, i, False)
+                if c in self.host[n].sizes:
+                    self.prefetched[(n, c)] = (bucket, p)
+
+    # ---- event loop --------------------------------------------------------------------
+
+    def _start(self, w: int, i: int, t: float) -> None:
+        p = self.prep.req_pipe[i]
+        load = self._load(w, p, t, i)
+        service = load + self._compute(i, p)
+        self.busy += service
+        self.wait[i] = t - self.prep.arrival[i]
+        if self.spec.routing == "ect":
+            self.est_free[w] += service - self.est_service[i]
+        self.running[w] = True
+        self.seq += 1
+        heapq.heappush(self.heap, (t + service, self.seq, w, i))
+
+    def _finish(self, t: float, w: int, i: int) -> None:
+        if i >= 0:
+            self.latency[i] = t - self.prep.arrival[i]
+            self.outstanding[w] -= 1
+        self.running[w] = False
+        q = self.queue[w]
+        if q:
+            self.waiting -= 1
+            self._start(w, q.popleft(), t)
+
+    def _arrive(self, i: int, t: float) -> None:
+        prep = self.prep
+        p = prep.req_pipe[i]
+        self.qlen[i] = self.waiting
+        if self.spec.bands or self.spec.eviction == "utility" or self.spec.fusion:
+            self.pipe_pop.add(p, t)
+            self.pipe_work.add(p, t, prep.compute[i])
+            for c in prep.comps[p]:
+                self.comp_pop.add(c, t)
+            ov = prep.overlay_of.get(p)
+            if ov is not None:
+                self.comp_pop.add(ov, t)
+        if self.spec.bandit:
+            b = time_bucket(prep.trace_time[i], self.settings.bucket_s)
+            if b != self.bucket:
+                self.bucket = b
+                self._prefetch(b, t, i)
+        routing = self.spec.routing
+        if routing == "ect":
+            w = self._route_ect(i, p, t)
+        elif routing == "rayserve":
+            w = self._route_rayserve(p)
+            self._rayserve_touch(w, p)
+        elif routing == "modelmesh":
+            w = self._route_modelmesh(p)
+        else:
+            w = self._least_loaded()
+        self.outstanding[w] += 1
+        if self.running[w]:
+            self.queue[w].append(i)
+            self.waiting += 1
+        else:
+            self._start(w, i, t)
+
+    def _rayserve_touch(self, w: int, p: int) -> None:
+        models = self.models[w]
+        if p in models:
+            models.move_to_end(p)
+            return
+        models[p] = None
+        self.pipe_holders.setdefault(p, set()).add(w)
+        if len(models) > self.spec.max_models:
+            old, _ = models.popitem(last=False)
+            self.pipe_holders[old].discard(w)
+            keep = {c for q in models for c in self.prep.comps[q]}
+            for c in self.prep.comps[old]:
+                if c not in keep and self.gpu[w].remove(c):
+                    self._gpu_drop(w, [c])
+
+    def run(self) -> SimResult:
+        """Simulate every request; returns the outcomes."""
+        began = time.perf_counter()
+        prep = self.prep
+        arrival = prep.arrival
+        heap = self.heap
+        planned = self.spec.bands or self.spec.fusion
+        interval = self.settings.plan_interval_s
+        next_tick = arrival[0] if planned and arrival else INF
+        for i, t in enumerate(arrival):
+            while True:
+                ht = heap[0][0] if heap else INF
+                if next_tick <= t and next_tick <= ht:
+                    self._tick(next_tick)
+                    next_tick += interval
+                elif ht <= t:
+                    ft, _, w, j = heapq.heappop(heap)
+                    self._finish(ft, w, j)
+                else:
+                    break
+            self._arrive(i, t)
+        end = arrival[-1] if arrival else 0.0
+        while heap:
+            ft, _, w, j = heapq.heappop(heap)
+            end = ft
+            self._finish(ft, w, j)
+        span = end - (arrival[0] if arrival else 0.0)
+        return SimResult(
+            name=self.spec.name,
+            latency_s=self.latency,
+            queue_wait_s=self.wait,
+            queue_len=self.qlen,
+            misses=self.misses,
+            remote_bytes=self.remote_bytes,
+            ssd_bytes=self.ssd_bytes,
+            gpu_loads=self.gpu_loads,
+            busy_s=self.busy,
+            span_s=span,
+            gpus=self.W,
+            wall_s=time.perf_counter() - began,
+        )

@@ -1,0 +1,1 @@
+"""Workloads for the simulator: the production trace loader, a synthetic generator and workload facts."""

@@ -1,0 +1,110 @@
+"""CoordinatorApp: the cache coordinator plugged into the shared server bootstrap."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from diffmesh.catalog import load_manifest
+from diffmesh.errors import AlreadyExists
+from diffmesh.v1 import common_pb2, coordinator_pb2_grpc
+from grpc import aio
+
+from diffmesh_coordinator.keys import KeyLayout
+from diffmesh_coordinator.servicer import CoordinatorServicer
+from diffmesh_coordinator.settings import CoordinatorSettings
+from diffmesh_coordinator.store import CoordinatorStore
+
+log = logging.getLogger("diffmesh.coordinator")
+
+SERVICE_NAME = "diffmesh.v1.CacheCoordinatorService"
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class CatalogLoadError(RuntimeError):
+    """The catalog manifest could not be registered at start."""
+
+
+class CoordinatorApp:
+    """The cache coordinator service (catalog, leases, residency, request records on Redis)."""
+
+    name = "coordinator"
+
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        self.redis = aioredis.from_url(settings.redis_url, decode_responses=True)
+        self.store = CoordinatorStore(
+            self.redis,
+            KeyLayout(settings.namespace),
+            lease_seconds=settings.lease_seconds,
+            request_stream_maxlen=settings.request_stream_maxlen,
+        )
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def add_to_server(self, server: aio.Server) -> list[str]:
+        """Adds CacheCoordinatorService."""
+        coordinator_pb2_grpc.add_CacheCoordinatorServiceServicer_to_server(CoordinatorServicer(self.store), server)
+        return [SERVICE_NAME]
+
+    async def start(self, port: int) -> None:
+        """Checks Redis, registers the catalog manifest (if any), starts the lease sweeper."""
+        try:
+            components = load_manifest(self.settings.catalog) if self.settings.catalog else []
+            try:
+                await self.redis.ping()
+            except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+                raise RuntimeError(f"cannot reach Redis at {redact_url(self.settings.redis_url)}: {exc}") from exc
+            if components:
+                await self._register_manifest(components)
+        except BaseException:
+            await self.redis.aclose()
+            raise
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="coordinator-sweeper")
+
+    async def _register_manifest(self, components: list[common_pb2.Component]) -> None:
+        created = 0
+        for component in components:
+            try:
+                _, new = await self.store.register_component(component, replace=self.settings.catalog_replace)
+            except AlreadyExists as exc:
+                raise CatalogLoadError(
+                    f"catalog manifest {self.settings.catalog}: {exc.message} "
+                    "(set DIFFMESH_COORDINATOR_CATALOG_REPLACE=true to let the manifest win)"
+                ) from exc
+            created += int(new)
+        log.info(
+            "catalog manifest registered",
+            extra={"path": self.settings.catalog, "components": len(components), "new_records": created},
+        )
+
+    async def _sweep_forever(self) -> None:
+        interval = self.settings.sweep_seconds or self.settings.lease_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                purged = await self.store.sweep()
+                if purged:
+                    log.info("lapsed leases purged", extra={"purged": purged})
+            except (aioredis.RedisError, OSError) as exc:
+                log.warning("sweep failed", extra={"error": str(exc)})
+
+    async def stop(self) -> None:
+        """Stops the sweeper and closes the Redis connections."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        await self.redis.aclose()

@@ -1,0 +1,1 @@
+"""diffmesh instance manager: REMOTE → SSD → HOST (shared memory) loading, one per node."""

@@ -1,0 +1,67 @@
+"""Instance manager settings (environment prefix ``DIFFMESH_IM_``)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from diffmesh.settings import ServiceSettings
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _default_node_id() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "node"
+
+
+class InstanceManagerSettings(ServiceSettings):
+    """Settings of one instance manager (one per node)."""
+
+    model_config = SettingsConfigDict(env_prefix="DIFFMESH_IM_", extra="ignore")
+
+    node_id: str = Field(default_factory=_default_node_id, description="Node id, unique in the mesh (`[A-Za-z0-9._-]`).")
+    coordinator: str = Field(
+        "", description="Coordinator `host:port`; empty: no catalog, so Acquire/Prefetch fail with FAILED_PRECONDITION."
+    )
+    advertise_host: str = Field("127.0.0.1", description="Host other services use to reach this instance manager.")
+    ssd_dir: str = Field("", description="SSD cache directory; empty: `<tmp>/diffmesh-ssd-<node_id>`.")
+    ssd_capacity_bytes: int = Field(0, ge=0, description="SSD tier capacity; 0 = unbounded.")
+    host_capacity_bytes: int = Field(0, ge=0, description="HOST (shared-memory) tier capacity; 0 = unbounded.")
+    allowed_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Directories (or `file://` prefixes) REMOTE may read; comma-separated or JSON. Empty refuses every URI.",
+    )
+    config_max_bytes: int = Field(
+        16 * 1024 * 1024, ge=0, description="Cap on a component's inline config files (JSON, tokenizer)."
+    )
+    retry_after_seconds: float = Field(
+        2.0, gt=0, description="Retry hint sent with RESOURCE_EXHAUSTED when the HOST tier is all leased."
+    )
+
+    @field_validator("node_id")
+    @classmethod
+    def _check_node_id(cls, value: str) -> str:
+        if not NODE_ID_RE.match(value):
+            raise ValueError("node_id must match [A-Za-z0-9._-]{1,64}")
+        return value
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    def ssd_path(self) -> Path:
+        """The SSD cache directory to use."""
+        return Path(self.ssd_dir) if self.ssd_dir else Path(tempfile.gettempdir()) / f"diffmesh-ssd-{self.node_id}"

@@ -1,0 +1,159 @@
+"""Placement v1: which live worker a request goes to.
+
+The router keeps a short-lived copy of the live workers (``ListNodes``), asks ``Locate``
+where the pipeline's components are, counts its own in-flight requests per worker, and
+hands all of it to a :data:`PlacementPolicy` — today
+:func:`diffmesh.policy.locality.rank_workers`; the expected-completion-time scorer of
+issue 4 plugs in at the same place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from diffmesh.errors import Unavailable
+from diffmesh.policy.locality import Copy, RankedWorker, Tier, WorkerCandidate, rank_workers
+from diffmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from grpc import aio
+
+log = logging.getLogger("diffmesh.router.placement")
+
+PlacementPolicy = Callable[[Mapping[str, int], Iterable[WorkerCandidate], Iterable[Copy]], list[RankedWorker]]
+"""Ranks candidate workers best first, given component bytes and the residencies."""
+
+WorkerKey = tuple[str, str]
+"""(node_id, worker_id): worker ids are unique within a node only."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One ranked choice: the worker, where to reach it, and why it was picked."""
+
+    worker: coordinator_pb2.WorkerInfo
+    ranked: RankedWorker
+
+    @property
+    def key(self) -> WorkerKey:
+        """The worker's (node_id, worker_id)."""
+        return (self.worker.node_id, self.worker.worker_id)
+
+
+class WorkerDirectory:
+    """Live workers from the coordinator's ``ListNodes``, reused for ``refresh_seconds``."""
+
+    def __init__(
+        self, stub: coordinator_pb2_grpc.CacheCoordinatorServiceStub, refresh_seconds: float, timeout_seconds: float
+    ) -> None:
+        self._stub = stub
+        self._refresh = refresh_seconds
+        self._timeout = timeout_seconds
+        self._workers: list[coordinator_pb2.WorkerInfo] = []
+        self._fetched_at = -float("inf")
+        self._lock = asyncio.Lock()
+
+    def invalidate(self) -> None:
+        """Forces the next :meth:`workers` call to ask the coordinator again."""
+        self._fetched_at = -float("inf")
+
+    async def workers(self) -> list[coordinator_pb2.WorkerInfo]:
+        """Live workers; refreshed when stale, or when none is known."""
+        if time.monotonic() - self._fetched_at < self._refresh and self._workers:
+            return self._workers
+        async with self._lock:
+            if time.monotonic() - self._fetched_at < self._refresh and self._workers:
+                return self._workers
+            try:
+                resp = await self._stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=self._timeout)
+            except aio.AioRpcError as err:
+                if self._workers:
+                    log.warning("ListNodes failed; using the last worker list", extra={"code": err.code().name})
+                    return self._workers
+                raise Unavailable(f"cannot list workers: coordinator unreachable ({err.code().name})") from None
+            workers: list[coordinator_pb2.WorkerInfo] = []
+            for node in resp.nodes:
+                for worker in node.workers:
+                    info = coordinator_pb2.WorkerInfo()
+                    info.CopyFrom(worker)
+                    if not info.node_id:
+                        info.node_id = node.node_id
+                    workers.append(info)
+            self._workers = workers
+            self._fetched_at = time.monotonic()
+            return workers
+
+
+class InFlight:
+    """Requests this router has sent to each worker and not yet seen finish."""
+
+    def __init__(self) -> None:
+        self._counts: dict[WorkerKey, int] = {}
+
+    def count(self, key: WorkerKey) -> int:
+        """In-flight requests on ``key``."""
+        return self._counts.get(key, 0)
+
+    @contextmanager
+    def track(self, key: WorkerKey) -> Iterator[None]:
+        """Counts one request on ``key`` for the duration of the block."""
+        self._counts[key] = self._counts.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._counts[key] - 1
+            if left:
+                self._counts[key] = left
+            else:
+                del self._counts[key]
+
+
+def copies_from_locations(locations: Iterable[coordinator_pb2.ComponentLocation]) -> list[Copy]:
+    """Residencies from ``Locate`` as policy copies."""
+    copies = []
+    for loc in locations:
+        for res in loc.residencies:
+            tier = Tier(res.tier) if res.tier in Tier._value2member_map_ else Tier.UNSPECIFIED
+            copies.append(Copy(loc.component_id, res.node_id, tier, res.worker_id))
+    return copies
+
+
+class Placer:
+    """Ranks the live workers for a pipeline with a :data:`PlacementPolicy`."""
+
+    def __init__(
+        self,
+        directory: WorkerDirectory,
+        stub: coordinator_pb2_grpc.CacheCoordinatorServiceStub,
+        in_flight: InFlight,
+        timeout_seconds: float,
+        policy: PlacementPolicy = rank_workers,
+    ) -> None:
+        self.directory = directory
+        self.in_flight = in_flight
+        self._stub = stub
+        self._timeout = timeout_seconds
+        self.policy = policy
+
+    async def locate(self, ids: list[str]) -> list[coordinator_pb2.ComponentLocation]:
+        """Locate's answer for ``ids``; empty (placement by queue only) when the coordinator fails."""
+        try:
+            resp = await self._stub.Locate(coordinator_pb2.LocateRequest(component_ids=ids), timeout=self._timeout)
+        except aio.AioRpcError as err:
+            log.warning("Locate failed; placing without residency", extra={"code": err.code().name})
+            return []
+        return list(resp.locations)
+
+    async def rank(self, records: Mapping[str, common_pb2.Component]) -> list[Placement]:
+        """Live workers best first for the pipeline made of ``records``; Unavailable when none is live."""
+        workers = await self.directory.workers()
+        if not workers:
+            raise Unavailable("no live worker is registered with the coordinator; start a worker and retry")
+        by_key = {(w.node_id, w.worker_id): w for w in workers}
+        candidates = [WorkerCandidate(w.worker_id, w.node_id, self.in_flight.count(key)) for key, w in by_key.items()]
+        locations = await self.locate(list(records))
+        ranked = self.policy({cid: rec.bytes for cid, rec in records.items()}, candidates, copies_from_locations(locations))
+        return [Placement(by_key[(r.candidate.node_id, r.candidate.worker_id)], r) for r in ranked]

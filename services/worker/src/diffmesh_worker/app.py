@@ -1,0 +1,251 @@
+"""The worker service: ``Run`` (queue → load → denoise, streamed) and ``Status``.
+
+One request holds the device at a time; loading and denoising run in a single device
+thread so the event loop keeps serving ``Status``, queue positions and health. A request
+runs as its own task, separate from the RPC handler: when the client cancels or its
+deadline passes, the handler sets the interrupt flag and the task stops at the next
+denoising step (or after the component being built), cleans up, and frees the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from diffmesh.channels import open_channel
+from diffmesh.errors import FailedPrecondition
+from diffmesh.telemetry import tracer
+from diffmesh.v1 import (
+    common_pb2,
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    instance_manager_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+from grpc import aio
+
+from diffmesh_worker.assemble import DevicePlacement
+from diffmesh_worker.device_cache import DeviceCache
+from diffmesh_worker.devices import default_cache_bytes, memory, resolve_device
+from diffmesh_worker.loader import Loader
+from diffmesh_worker.registration import Registrar
+from diffmesh_worker.runner import DeviceSlot, Interrupted, denoise
+from diffmesh_worker.settings import WorkerSettings
+from diffmesh_worker.shm_mapping import SegmentMapper
+from diffmesh_worker.validation import Job, validate
+
+log = logging.getLogger("diffmesh_worker")
+_tracer = tracer("diffmesh_worker")
+SERVICE_NAME = "diffmesh.v1.WorkerService"
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    """gRPC face of :class:`WorkerApp`."""
+
+    def __init__(self, app: WorkerApp) -> None:
+        self.app = app
+
+    async def Run(self, request: worker_pb2.RunRequest, context: aio.ServicerContext) -> AsyncIterator[worker_pb2.RunResponse]:
+        async for event in self.app.run(request):
+            yield event
+
+    async def Status(self, request: worker_pb2.StatusRequest, context: aio.ServicerContext) -> worker_pb2.StatusResponse:
+        return self.app.status()
+
+
+class WorkerApp:
+    """One worker: a device, its queue, its device-tier cache, and its links to the IM and coordinator."""
+
+    name = "worker"
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.placement = DevicePlacement.for_device(self.device)
+        self.mapper = SegmentMapper()
+        self.cache = DeviceCache(settings.cache_bytes or default_cache_bytes(self.device), settings.cache_max_components)
+        self.slot = DeviceSlot(settings.max_queue)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{settings.worker_id}")
+        self.registrar: Registrar | None = None
+        self._loader: Loader | None = None
+        self._channels: list[aio.Channel] = []
+        self._tasks: set[asyncio.Task[object]] = set()
+
+    # --- Service protocol -------------------------------------------------------------
+
+    def add_to_server(self, server: aio.Server) -> list[str]:
+        """Adds the WorkerService."""
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(self), server)
+        return [SERVICE_NAME]
+
+    async def start(self, port: int) -> None:
+        """Opens the channels, and registers with the coordinator (in the background, retrying)."""
+        s = self.settings
+        if not s.instance_manager:
+            raise FailedPrecondition("DIFFMESH_WORKER_INSTANCE_MANAGER is required")
+        im_channel = open_channel(s.instance_manager)
+        self._channels.append(im_channel)
+        self._loader = Loader(
+            instance_manager_pb2_grpc.InstanceManagerServiceStub(im_channel),
+            self.cache,
+            self.mapper,
+            self.placement,
+            self.executor,
+            s.worker_id,
+            self._report,
+            s.acquire_timeout_seconds,
+        )
+        if s.coordinator:
+            channel = open_channel(s.coordinator)
+            self._channels.append(channel)
+            total, _ = memory(self.device)
+            info = coordinator_pb2.WorkerInfo(
+                worker_id=s.worker_id,
+                address=f"{s.advertise_host}:{port}",
+                device=self.device,
+                device_memory_bytes=total,
+                node_id=s.node_id,
+            )
+            self.registrar = Registrar(
+                coordinator_pb2_grpc.CacheCoordinatorServiceStub(channel), info, self._snapshot, s.report_timeout_seconds
+            )
+            self.registrar.start()
+        log.info("worker started", extra={"worker_id": s.worker_id, "device": self.device, "port": port})
+
+    async def stop(self) -> None:
+        """Interrupts nothing (the server drained already); frees the device tier and its leases."""
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(task), timeout=30)
+        if self._loader is not None:
+            await self._loader.release_removed(self.cache.clear())
+        if self.registrar is not None:
+            await self.registrar.stop()
+        for channel in self._channels:
+            await channel.close()
+        self._channels.clear()
+        self.executor.shutdown(wait=True)
+        self.mapper.forget_all()
+
+    # --- residency ----------------------------------------------------------------------
+
+    def _report(self, present: bool, components: list[tuple[str, int]]) -> None:
+        if self.registrar is not None:
+            self.registrar.report(present, components)
+
+    def _snapshot(self) -> list[tuple[str, int, float]]:
+        return [(e.component_id, e.bytes, e.last_used_unix) for e in self.cache.entries()]
+
+    # --- RPCs ---------------------------------------------------------------------------
+
+    def status(self) -> worker_pb2.StatusResponse:
+        """Device memory, queue and the device-resident components."""
+        total, free = memory(self.device)
+        return worker_pb2.StatusResponse(
+            worker_id=self.settings.worker_id,
+            node_id=self.settings.node_id,
+            device=self.device,
+            device_memory_total_bytes=total,
+            device_memory_free_bytes=free,
+            queue_length=self.slot.queue_length,
+            running=self.slot.running,
+            resident=[
+                worker_pb2.ResidentComponent(component_id=e.component_id, bytes=e.bytes, last_used_unix=e.last_used_unix)
+                for e in self.cache.entries()
+            ],
+        )
+
+    async def run(self, request: worker_pb2.RunRequest) -> AsyncIterator[worker_pb2.RunResponse]:
+        """Validates, queues, loads and denoises one request, yielding its progress and result."""
+        started = time.perf_counter()
+        job = validate(request)
+        ticket = self.slot.enter()
+        task: asyncio.Task[common_pb2.GenerationResult] | None = None
+        cancelled = threading.Event()
+        events: asyncio.Queue[worker_pb2.RunResponse] = asyncio.Queue()
+        getter: asyncio.Future[worker_pb2.RunResponse] | None = None
+        try:
+            with _tracer.start_as_current_span("worker.queue") as span:
+                async for position in self.slot.positions(ticket):
+                    span.set_attribute("position", position)
+                    yield worker_pb2.RunResponse(
+                        queued=common_pb2.ProgressQueued(position=position, worker_id=self.settings.worker_id)
+                    )
+            queue_s = time.perf_counter() - started
+            task = asyncio.create_task(self._execute(job, events, cancelled, started, queue_s), name=f"run-{job.request_id}")
+            self._tasks.add(task)  # type: ignore[arg-type]
+
+            def finished(done: asyncio.Task[common_pb2.GenerationResult]) -> None:
+                self._tasks.discard(done)  # type: ignore[arg-type]
+                self.slot.release(ticket)
+                if not done.cancelled():
+                    done.exception()  # retrieved here too: a cancelled client never reads it
+
+            task.add_done_callback(finished)
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not events.empty():
+                    yield events.get_nowait()
+                yield worker_pb2.RunResponse(result=task.result())
+                return
+        finally:
+            if getter is not None and not getter.done():
+                getter.cancel()
+            if task is None:
+                self.slot.leave(ticket)
+            elif not task.done():
+                cancelled.set()  # the task stops at its next check and then frees the device
+
+    async def _execute(
+        self,
+        job: Job,
+        events: asyncio.Queue[worker_pb2.RunResponse],
+        cancelled: threading.Event,
+        started: float,
+        queue_s: float,
+    ) -> common_pb2.GenerationResult:
+        assert self._loader is not None
+        loop = asyncio.get_running_loop()
+        try:
+            load_started = time.perf_counter()
+            with _tracer.start_as_current_span("worker.load") as span:
+                span.set_attribute("pipeline_key", job.pipeline_key)
+                outcome = await self._loader.prepare(job, events.put_nowait, cancelled)
+            load_s = time.perf_counter() - load_started
+
+            def on_step(step: int, total: int) -> None:
+                event = worker_pb2.RunResponse(step=common_pb2.ProgressStep(step=step, total=total))
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+            denoise_started = time.perf_counter()
+            with _tracer.start_as_current_span("worker.denoise") as span:
+                span.set_attribute("steps", job.steps)
+                span.set_attribute("num_images", job.num_images)
+                images = await loop.run_in_executor(self.executor, denoise, outcome.prepared, job, cancelled, on_step)
+            denoise_s = time.perf_counter() - denoise_started
+        except Interrupted:
+            log.info("request cancelled", extra={"request_id": job.request_id})
+            raise
+        total_s = time.perf_counter() - started
+        return common_pb2.GenerationResult(
+            request_id=job.request_id,
+            images=images,
+            worker_id=self.settings.worker_id,
+            node_id=self.settings.node_id,
+            loads=outcome.loads,
+            timing=common_pb2.Timing(
+                queue_seconds=queue_s, load_seconds=load_s, denoise_seconds=denoise_s, total_seconds=total_s
+            ),
+            pipeline_key=job.pipeline_key,
+        )

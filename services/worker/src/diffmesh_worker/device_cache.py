@@ -1,0 +1,150 @@
+"""The device tier: components built on this worker's device, with last use and their IM leases.
+
+Entries are keyed by component id:
+
+* BASE → :class:`~diffmesh_worker.assemble.BuiltBase` (UNet, VAE, text encoder, ...);
+* CONTROLNET → :class:`~diffmesh_worker.assemble.BuiltControlNet`;
+* LORA → :class:`LoraWeights` (the zero-copy state dict, loaded as an adapter into bases on use).
+
+Each entry keeps the HOST copy it was built from leased from the instance manager (one
+Acquire lease can cover several entries; it is released once none of them is cached).
+The cache is bounded by bytes and by entry count; the least recently used entries not
+needed by the running request are evicted first. This class does no I/O: callers release
+leases and report residency for what :meth:`DeviceCache.evict_for` and friends return.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffmesh.v1 import common_pb2
+
+from diffmesh_worker.adapters import unload_adapter
+from diffmesh_worker.assemble import BuiltBase, BuiltControlNet
+
+
+@dataclass
+class Lease:
+    """One instance-manager lease and the cached components still relying on it."""
+
+    lease_id: str
+    holding: set[str] = field(default_factory=set)
+
+
+@dataclass
+class LoraWeights:
+    """A LoRA's tensors (zero-copy views of the HOST copy) and its adapter metadata."""
+
+    state: dict[str, torch.Tensor]
+    metadata: dict[str, Any] | None
+
+
+Built = BuiltBase | BuiltControlNet | LoraWeights
+
+
+@dataclass
+class CacheEntry:
+    """One component resident on the device."""
+
+    component_id: str
+    kind: int
+    family: str
+    bytes: int
+    built: Built
+    lease: Lease | None
+    last_used_unix: float = field(default_factory=time.time)
+
+
+@dataclass
+class Removed:
+    """What evicting entries left to do: leases to release and ids whose residency ended."""
+
+    components: list[tuple[str, int]] = field(default_factory=list)  # (component id, bytes)
+    leases: list[str] = field(default_factory=list)
+
+
+class DeviceCache:
+    """Bounded LRU of built components (see the module docstring)."""
+
+    def __init__(self, capacity_bytes: int, max_entries: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+
+    def __contains__(self, component_id: object) -> bool:
+        return component_id in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, component_id: str) -> CacheEntry | None:
+        """The entry, or None."""
+        return self._entries.get(component_id)
+
+    def entries(self) -> list[CacheEntry]:
+        """All entries, least recently used first."""
+        return list(self._entries.values())
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of every entry."""
+        return sum(e.bytes for e in self._entries.values())
+
+    def touch(self, component_ids: Iterable[str], now: float | None = None) -> None:
+        """Marks entries as just used."""
+        now = time.time() if now is None else now
+        for cid in component_ids:
+            entry = self._entries.get(cid)
+            if entry is not None:
+                entry.last_used_unix = now
+                self._entries.move_to_end(cid)
+
+    def add(self, entry: CacheEntry) -> None:
+        """Inserts (or replaces) an entry as the most recently used."""
+        self._entries[entry.component_id] = entry
+        self._entries.move_to_end(entry.component_id)
+        if entry.lease is not None:
+            entry.lease.holding.add(entry.component_id)
+
+    def evict_for(self, incoming_bytes: int, incoming_entries: int, pinned: set[str]) -> Removed:
+        """Evicts LRU entries outside ``pinned`` until the incoming ones fit (as far as possible)."""
+        removed = Removed()
+        for cid in list(self._entries):
+            over_bytes = self.capacity_bytes > 0 and self.used_bytes + incoming_bytes > self.capacity_bytes
+            over_count = len(self._entries) + incoming_entries > self.max_entries
+            if not (over_bytes or over_count):
+                break
+            if cid in pinned:
+                continue
+            self._remove(cid, removed)
+        return removed
+
+    def remove(self, component_ids: Iterable[str]) -> Removed:
+        """Removes the given entries."""
+        removed = Removed()
+        for cid in component_ids:
+            if cid in self._entries:
+                self._remove(cid, removed)
+        return removed
+
+    def clear(self) -> Removed:
+        """Removes everything (at shutdown)."""
+        return self.remove(list(self._entries))
+
+    def _remove(self, cid: str, removed: Removed) -> None:
+        entry = self._entries.pop(cid)
+        if entry.kind == common_pb2.COMPONENT_KIND_LORA:
+            # A LoRA leaves the device: drop its adapter from every base it was loaded into.
+            for other in self._entries.values():
+                if isinstance(other.built, BuiltBase):
+                    unload_adapter(other.built, cid)
+        removed.components.append((cid, entry.bytes))
+        if entry.lease is not None:
+            entry.lease.holding.discard(cid)
+            if not entry.lease.holding and entry.lease.lease_id not in removed.leases:
+                removed.leases.append(entry.lease.lease_id)

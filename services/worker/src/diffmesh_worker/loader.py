@@ -1,0 +1,264 @@
+"""Making a request's pipeline ready on the device.
+
+Components already built on the device are used as they are (tier GPU). The others come
+ONLY from ``InstanceManager.Acquire`` (one call for all of them, holder = this worker):
+their HOST-tier handles are checked (kind, family against the base), mapped zero-copy
+and built in the device thread, base first, then ControlNets, then LoRA adapters. Each
+component gets a ``worker.load.component`` span, a ``ProgressLoading`` event and a
+``ComponentLoad`` entry. New entries join the device cache (their residency is reported),
+and least recently used ones are evicted to make room (their leases released).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffmesh.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from diffmesh.telemetry import tracer
+from diffmesh.v1 import common_pb2, instance_manager_pb2, instance_manager_pb2_grpc, worker_pb2
+from grpc import aio
+
+from diffmesh_worker import adapters
+from diffmesh_worker.assemble import BuiltBase, BuiltControlNet, DevicePlacement, build_base, build_controlnet
+from diffmesh_worker.device_cache import CacheEntry, DeviceCache, Lease, LoraWeights, Removed
+from diffmesh_worker.runner import Interrupted, Prepared
+from diffmesh_worker.shm_mapping import SegmentMapper
+from diffmesh_worker.validation import Job
+
+log = logging.getLogger("diffmesh_worker.loader")
+_tracer = tracer("diffmesh_worker")
+
+KIND_NAMES = {
+    common_pb2.COMPONENT_KIND_BASE: "BASE",
+    common_pb2.COMPONENT_KIND_LORA: "LORA",
+    common_pb2.COMPONENT_KIND_CONTROLNET: "CONTROLNET",
+    common_pb2.COMPONENT_KIND_FUSED: "FUSED",
+}
+
+
+@dataclass
+class Outcome:
+    """A ready pipeline and how each component got ready."""
+
+    prepared: Prepared
+    loads: list[common_pb2.ComponentLoad] = field(default_factory=list)
+
+
+@dataclass
+class _Need:
+    component_id: str
+    kind: int
+    field: str  # request field naming it, for errors
+
+
+class Loader:
+    """Ensures the components of a job are built on the device (see the module docstring)."""
+
+    def __init__(
+        self,
+        im: instance_manager_pb2_grpc.InstanceManagerServiceStub,
+        cache: DeviceCache,
+        mapper: SegmentMapper,
+        placement: DevicePlacement,
+        executor: Executor,
+        worker_id: str,
+        report: Callable[[bool, list[tuple[str, int]]], None],
+        acquire_timeout_s: float,
+    ) -> None:
+        self.im = im
+        self.cache = cache
+        self.mapper = mapper
+        self.placement = placement
+        self.executor = executor
+        self.worker_id = worker_id
+        self.report = report
+        self.acquire_timeout_s = acquire_timeout_s
+
+    async def release_removed(self, removed: Removed) -> None:
+        """Reports evicted components gone and releases leases no cached component needs."""
+        self.report(False, removed.components)
+        for lease_id in removed.leases:
+            await self.release(lease_id)
+        if removed.components:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    async def release(self, lease_id: str) -> None:
+        """Ends an instance-manager lease; failures are logged (the IM also expires holders)."""
+        try:
+            await self.im.Release(instance_manager_pb2.ReleaseRequest(lease_id=lease_id), timeout=10)
+        except aio.AioRpcError as exc:
+            log.warning("release failed", extra={"lease_id": lease_id, "code": exc.code().name, "detail": exc.details()})
+
+    def _needs(self, job: Job) -> list[_Need]:
+        needs = [_Need(job.base_id, common_pb2.COMPONENT_KIND_BASE, "pipeline.base_id")]
+        needs += [_Need(lid, common_pb2.COMPONENT_KIND_LORA, f"pipeline.loras[{i}].id") for i, (lid, _) in enumerate(job.loras)]
+        needs += [
+            _Need(c.id, common_pb2.COMPONENT_KIND_CONTROLNET, f"pipeline.controlnets[{i}].id")
+            for i, c in enumerate(job.controlnets)
+        ]
+        return needs
+
+    @staticmethod
+    def _check(need: _Need, kind: int, family: str, base_family: str) -> None:
+        if kind == common_pb2.COMPONENT_KIND_FUSED and need.kind == common_pb2.COMPONENT_KIND_BASE:
+            raise Unimplemented(f"{need.field}: FUSED overlays ({need.component_id!r}) are not supported by this worker yet")
+        if kind != need.kind:
+            raise InvalidArgument(
+                need.field, f"{need.component_id!r} is a {KIND_NAMES.get(kind, kind)}, expected a {KIND_NAMES[need.kind]}"
+            )
+        if need.kind != common_pb2.COMPONENT_KIND_BASE and family != base_family:
+            raise InvalidArgument(need.field, f"{need.component_id!r} is family {family!r} but the base is {base_family!r}")
+
+    async def prepare(self, job: Job, emit: Callable[[worker_pb2.RunResponse], None], cancelled: threading.Event) -> Outcome:
+        """Makes every component of ``job`` ready on the device; returns the modules and the loads."""
+        needs = self._needs(job)
+        pinned = {n.component_id for n in needs}
+        missing = [n.component_id for n in needs if n.component_id not in self.cache]
+        handles: dict[str, instance_manager_pb2.HostHandle] = {}
+        lease: Lease | None = None
+        acquire_s = 0.0
+        if missing:
+            started = time.perf_counter()
+            resp = await self.im.Acquire(
+                instance_manager_pb2.AcquireRequest(component_ids=missing, holder=self.worker_id), timeout=self.acquire_timeout_s
+            )
+            acquire_s = time.perf_counter() - started
+            lease = Lease(resp.lease_id)
+            handles = {h.component_id: h for h in resp.handles}
+        try:
+            return await self._build_all(job, needs, pinned, handles, lease, acquire_s, emit, cancelled)
+        finally:
+            if lease is not None and not lease.holding:
+                await self.release(lease.lease_id)
+
+    def _identity(self, cid: str, handles: dict[str, instance_manager_pb2.HostHandle]) -> tuple[int, str]:
+        entry = self.cache.get(cid)
+        if entry is not None:
+            return entry.kind, entry.family
+        handle = handles.get(cid)
+        if handle is None:
+            raise FailedPrecondition(f"instance manager returned no handle for {cid!r}")
+        return handle.kind, handle.family
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _build_all(
+        self,
+        job: Job,
+        needs: list[_Need],
+        pinned: set[str],
+        handles: dict[str, instance_manager_pb2.HostHandle],
+        lease: Lease | None,
+        acquire_s: float,
+        emit: Callable[[worker_pb2.RunResponse], None],
+        cancelled: threading.Event,
+    ) -> Outcome:
+        base_kind, base_family = self._identity(job.base_id, handles)
+        for need in needs:
+            kind, family = self._identity(need.component_id, handles)
+            self._check(need, kind, family, base_family)
+
+        incoming = [handles[cid] for cid in handles if cid not in self.cache]
+        await self.release_removed(self.cache.evict_for(sum(h.bytes for h in incoming), len(incoming), pinned))
+
+        loads: dict[str, common_pb2.ComponentLoad] = {}
+        # Acquire's time is shared among the components it fetched, by their own load time.
+        host_share = {cid: h.load_seconds for cid, h in handles.items()}
+        scale = acquire_s / sum(host_share.values()) if sum(host_share.values()) > 0 else 0.0
+
+        async def component(need: _Need, fn: Callable[[], Any] | None) -> Any:
+            handle = handles.get(need.component_id)
+            entry = self.cache.get(need.component_id)
+            tier = handle.source_tier if handle is not None else common_pb2.TIER_GPU
+            nbytes = handle.bytes if handle is not None else 0
+            if handle is None and fn is not None:  # cached LoRA weights, newly loaded into this base
+                tier, nbytes = common_pb2.TIER_HOST, entry.bytes if entry else 0
+            emit(
+                worker_pb2.RunResponse(
+                    loading=common_pb2.ProgressLoading(component_id=need.component_id, source_tier=tier, bytes=nbytes)
+                )
+            )
+            started = time.perf_counter()
+            with _tracer.start_as_current_span("worker.load.component") as span:
+                span.set_attribute("component_id", need.component_id)
+                span.set_attribute("source_tier", common_pb2.Tier.Name(tier))
+                span.set_attribute("bytes", nbytes)
+                result = await self._run(fn) if fn is not None else None
+            seconds = time.perf_counter() - started + host_share.get(need.component_id, 0.0) * scale
+            loads[need.component_id] = common_pb2.ComponentLoad(
+                component_id=need.component_id, kind=need.kind, source_tier=tier, bytes=nbytes, seconds=seconds
+            )
+            if cancelled.is_set():
+                raise Interrupted()
+            return result
+
+        def add(cid: str, kind: int, family: str, nbytes: int, built: Any) -> None:
+            self.cache.add(CacheEntry(cid, kind, family, nbytes, built, lease))
+            self.report(True, [(cid, nbytes)])
+
+        # Base first: LoRAs load into it.
+        base_need = needs[0]
+        if job.base_id in handles:
+            built_base: BuiltBase = await component(
+                base_need, lambda: build_base(self.mapper, handles[job.base_id], self.placement)
+            )
+            add(job.base_id, base_kind, base_family, built_base.bytes, built_base)
+        else:
+            await component(base_need, None)
+        base_entry = self.cache.get(job.base_id)
+        assert base_entry is not None and isinstance(base_entry.built, BuiltBase)
+        base = base_entry.built
+
+        controlnets: list[BuiltControlNet] = []
+        for need in needs:
+            if need.kind != common_pb2.COMPONENT_KIND_CONTROLNET:
+                continue
+            cid = need.component_id
+            if cid in handles:
+                built_cn: BuiltControlNet = await component(
+                    need, lambda cid=cid: build_controlnet(self.mapper, handles[cid], self.placement)
+                )
+                add(cid, common_pb2.COMPONENT_KIND_CONTROLNET, base_family, built_cn.bytes, built_cn)
+            else:
+                await component(need, None)
+            cn_entry = self.cache.get(cid)
+            assert cn_entry is not None and isinstance(cn_entry.built, BuiltControlNet)
+            controlnets.append(cn_entry.built)
+
+        for need in needs:
+            if need.kind != common_pb2.COMPONENT_KIND_LORA:
+                continue
+            cid = need.component_id
+            if cid in handles:
+                handle = handles[cid]
+
+                def load_new(handle: instance_manager_pb2.HostHandle = handle) -> LoraWeights:
+                    weights = LoraWeights(adapters.lora_state_dict(self.mapper, handle), adapters.lora_metadata(handle))
+                    adapters.load_adapter(base, handle.component_id, weights.state, weights.metadata, self.placement)
+                    return weights
+
+                weights: LoraWeights = await component(need, load_new)
+                add(cid, common_pb2.COMPONENT_KIND_LORA, base_family, handle.bytes, weights)
+            elif cid not in base.adapters:
+                lora_entry = self.cache.get(cid)
+                assert lora_entry is not None and isinstance(lora_entry.built, LoraWeights)
+                cached = lora_entry.built
+                await component(
+                    need, lambda cid=cid, w=cached: adapters.load_adapter(base, cid, w.state, w.metadata, self.placement)
+                )
+            else:
+                await component(need, None)
+
+        self.cache.touch([n.component_id for n in needs])
+        return Outcome(Prepared(base, controlnets), [loads[n.component_id] for n in needs])
