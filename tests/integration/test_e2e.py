@@ -4,6 +4,7 @@ OTLP collector; and ``diffmesh run`` itself as a subprocess."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from diffmesh.client import Client, ControlNet, Lora, NotFoundError
+from diffmesh.client import AsyncClient, Client, ControlNet, InvalidArgumentError, Lora, NotFoundError
 from diffmesh.launcher.demo_requests import edges_image, encode_png
 from diffmesh.launcher.mesh import LocalMesh, MeshConfig
 from diffmesh.launcher.processes import shm_segments
@@ -27,6 +28,7 @@ SIZE = 64
 STEPS = 3
 # The `name` of each service's App: what it sets as the OTel service.name.
 SERVICES = {"router", "worker", "instance-manager", "coordinator"}
+CUSTOM_SPANS = {"worker.queue", "worker.load", "worker.load.component", "worker.denoise", "im.acquire.component"}
 
 
 def _ids(models: Path) -> dict[str, list[str]]:
@@ -157,6 +159,23 @@ def test_unknown_base_is_not_found_and_the_mesh_still_serves(client: Client, ids
     assert len(generate(client, ids["BASE"][0]).images) == 1
 
 
+def test_async_client_generates_and_maps_errors(mesh: LocalMesh, ids: dict[str, list[str]]) -> None:
+    async def scenario() -> tuple[common_pb2.GenerationResult, list[str], str]:
+        async with AsyncClient(mesh.router_address, timeout=300) as client:
+            events = [e async for e in client.generate_stream(
+                ids["BASE"][0], "a harbour", steps=STEPS, width=SIZE, height=SIZE, seed=5)]
+            assert isinstance(events[-1], common_pb2.GenerationResult)
+            models = [m.id for m in await client.list_models()]
+            with pytest.raises(InvalidArgumentError) as err:
+                await client.generate(ids["BASE"][0], "x", steps=0, width=SIZE, height=SIZE)
+            return await client.generate(ids["BASE"][0], "x", steps=STEPS, width=SIZE, height=SIZE), models, err.value.details
+
+    result, models, details = asyncio.run(scenario())
+    assert len(result.images) == 1
+    assert ids["BASE"][0] in models
+    assert "steps" in details
+
+
 def _services(spans: list[CollectedSpan]) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for s in spans:
@@ -172,16 +191,30 @@ def test_one_trace_holds_spans_from_all_four_services(
     before = {s.trace_id for s in collector.spans()}
     generate(client, base, loras=[Lora(lora, 0.7)])
 
-    def found(spans: list[CollectedSpan]) -> bool:
-        return any(tid not in before and services >= SERVICES for tid, services in _services(spans).items())
+    def complete(spans: list[CollectedSpan]) -> str | None:
+        """The new trace holding every service and custom span, one root and no dangling parent."""
+        for tid, services in _services(spans).items():
+            mine = [s for s in spans if s.trace_id == tid]
+            span_ids = {s.span_id for s in mine}
+            if (
+                tid not in before
+                and services >= SERVICES
+                and CUSTOM_SPANS <= {s.name for s in mine}
+                and [s.name for s in mine if s.is_root] == ["/diffmesh.v1.RouterService/Generate"]
+                and all(s.parent_span_id in span_ids for s in mine if not s.is_root)
+            ):
+                return tid
+        return None
 
-    assert collector.wait_for(found, timeout=30), {
-        tid: sorted(s) for tid, s in _services(collector.spans()).items() if tid not in before
+    assert collector.wait_for(lambda spans: complete(spans) is not None, timeout=30), {
+        tid: (sorted(services), sorted({(s.service, s.name, s.is_root) for s in collector.trace(tid)}))
+        for tid, services in _services(collector.spans()).items()
+        if tid not in before
     }
-    trace_id = next(t for t, s in _services(collector.spans()).items() if t not in before and s >= SERVICES)
-    names = {s.name for s in collector.trace(trace_id)}
-    assert {"worker.queue", "worker.load", "worker.load.component", "worker.denoise", "im.acquire.component"} <= names
-    loaded = {s.attributes.get("component_id") for s in collector.trace(trace_id) if s.name == "worker.load.component"}
+    trace_id = complete(collector.spans())
+    assert trace_id is not None
+    spans = collector.trace(trace_id)
+    loaded = {s.attributes.get("component_id") for s in spans if s.name == "worker.load.component"}
     assert {base, lora} <= loaded
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,14 +91,10 @@ def load_adapter(
     if not targets:
         raise DataLoss(f"LoRA {component_id!r} has neither unet nor text_encoder weights")
     try:
-        if "unet" in targets:
-            StableDiffusionPipeline.load_lora_into_unet(
-                placed, None, base.unet, adapter_name=name, _pipeline=host, metadata=_split(metadata, "unet")
-            )
-        if "text_encoder" in targets:
-            StableDiffusionPipeline.load_lora_into_text_encoder(
-                placed, None, base.text_encoder, adapter_name=name, _pipeline=host, metadata=_split(metadata, "text_encoder")
-            )
+        with warnings.catch_warnings():
+            # Several adapters per model is the point here, not a mistake.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            _load(host, base, name, placed, metadata, targets)
     except (ValueError, KeyError, RuntimeError) as exc:
         # A half-loaded adapter would linger in peft's config: remove whatever got in.
         _delete(host, name)
@@ -106,7 +103,20 @@ def load_adapter(
     return name
 
 
-def _delete(host: StableDiffusionPipeline, name: str) -> None:
+def _load(
+    host: Any, base: BuiltBase, name: str, placed: dict[str, torch.Tensor], metadata: dict[str, Any] | None, targets: list[str]
+) -> None:
+    if "unet" in targets:
+        StableDiffusionPipeline.load_lora_into_unet(
+            placed, None, base.unet, adapter_name=name, _pipeline=host, metadata=_split(metadata, "unet")
+        )
+    if "text_encoder" in targets:
+        StableDiffusionPipeline.load_lora_into_text_encoder(
+            placed, None, base.text_encoder, adapter_name=name, _pipeline=host, metadata=_split(metadata, "text_encoder")
+        )
+
+
+def _delete(host: Any, name: str) -> None:
     for module in (host.unet, host.text_encoder):
         if name in getattr(module, "peft_config", {}):
             module.delete_adapters(name)  # type: ignore[operator]

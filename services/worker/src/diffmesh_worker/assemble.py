@@ -23,7 +23,6 @@ from diffmesh.v1 import common_pb2, instance_manager_pb2
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
-    DiffusionPipeline,
     SchedulerMixin,
     StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionControlNetInpaintPipeline,
@@ -88,7 +87,7 @@ class BuiltBase:
     scheduler_config: dict[str, Any]
     bytes: int
     # Pipeline object that owns the LoRA adapter bookkeeping for these modules.
-    adapter_host: StableDiffusionPipeline
+    adapter_host: Any
     # lora component id → peft adapter name, in load order (oldest first).
     adapters: dict[str, str] = field(default_factory=dict)
 
@@ -243,7 +242,7 @@ def build_base(mapper: SegmentMapper, handle: instance_manager_pb2.HostHandle, p
     tokenizer = build_tokenizer(configs, cid, int(te_cfg.max_position_embeddings))
     sched_cls = scheduler_class(sched_cfg, cid)
     scheduler = sched_cls.from_config(sched_cfg)
-    host = StableDiffusionPipeline(
+    host: Any = StableDiffusionPipeline(
         vae=vae,  # type: ignore[arg-type]
         text_encoder=text_encoder,  # type: ignore[arg-type]
         tokenizer=tokenizer,
@@ -281,7 +280,7 @@ def build_controlnet(
     return BuiltControlNet(cid, handle.family, model, module_bytes(model))  # type: ignore[arg-type]
 
 
-TASK_PIPELINES: dict[tuple[int, bool], type[DiffusionPipeline]] = {
+TASK_PIPELINES: dict[tuple[int, bool], Any] = {
     (common_pb2.TASK_TXT2IMG, False): StableDiffusionPipeline,
     (common_pb2.TASK_TXT2IMG, True): StableDiffusionControlNetPipeline,
     (common_pb2.TASK_IMG2IMG, False): StableDiffusionImg2ImgPipeline,
@@ -291,7 +290,7 @@ TASK_PIPELINES: dict[tuple[int, bool], type[DiffusionPipeline]] = {
 }
 
 
-def make_pipeline(base: BuiltBase, controlnets: Iterable[BuiltControlNet], task: int) -> DiffusionPipeline:
+def make_pipeline(base: BuiltBase, controlnets: Iterable[BuiltControlNet], task: int) -> Any:
     """A pipeline for ``task`` sharing ``base``'s modules (and the ControlNets'); cheap to create.
 
     The modules — and the LoRA adapters injected into them — are the same objects for every

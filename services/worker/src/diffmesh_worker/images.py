@@ -35,7 +35,7 @@ def decode_image(data: bytes, field: str, size: tuple[int, int], mode: str = "RG
             if width <= 0 or height <= 0 or width * height > MAX_INPUT_PIXELS:
                 raise InvalidArgument(field, f"image is {width}x{height}; at most {MAX_INPUT_PIXELS} pixels allowed")
             probe.verify()  # structure and checksums; the object is unusable afterwards
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             image.load()
     except InvalidArgument:
         raise

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from diffmesh.errors import FailedPrecondition, InvalidArgument, Unimplemented
@@ -35,7 +36,7 @@ from diffmesh_worker.validation import Job
 log = logging.getLogger("diffmesh_worker.loader")
 _tracer = tracer("diffmesh_worker")
 
-KIND_NAMES = {
+KIND_NAMES: dict[int, str] = {
     common_pb2.COMPONENT_KIND_BASE: "BASE",
     common_pb2.COMPONENT_KIND_LORA: "LORA",
     common_pb2.COMPONENT_KIND_CONTROLNET: "CONTROLNET",
@@ -197,7 +198,11 @@ class Loader:
                 result = await self._run(fn) if fn is not None else None
             seconds = time.perf_counter() - started + host_share.get(need.component_id, 0.0) * scale
             loads[need.component_id] = common_pb2.ComponentLoad(
-                component_id=need.component_id, kind=need.kind, source_tier=tier, bytes=nbytes, seconds=seconds
+                component_id=need.component_id,
+                kind=need.kind,  # type: ignore[arg-type]
+                source_tier=tier,
+                bytes=nbytes,
+                seconds=seconds,
             )
             if cancelled.is_set():
                 raise Interrupted()
@@ -211,7 +216,7 @@ class Loader:
         base_need = needs[0]
         if job.base_id in handles:
             built_base: BuiltBase = await component(
-                base_need, lambda: build_base(self.mapper, handles[job.base_id], self.placement)
+                base_need, partial(build_base, self.mapper, handles[job.base_id], self.placement)
             )
             add(job.base_id, base_kind, base_family, built_base.bytes, built_base)
         else:
@@ -227,7 +232,7 @@ class Loader:
             cid = need.component_id
             if cid in handles:
                 built_cn: BuiltControlNet = await component(
-                    need, lambda cid=cid: build_controlnet(self.mapper, handles[cid], self.placement)
+                    need, partial(build_controlnet, self.mapper, handles[cid], self.placement)
                 )
                 add(cid, common_pb2.COMPONENT_KIND_CONTROLNET, base_family, built_cn.bytes, built_cn)
             else:
@@ -254,9 +259,7 @@ class Loader:
                 lora_entry = self.cache.get(cid)
                 assert lora_entry is not None and isinstance(lora_entry.built, LoraWeights)
                 cached = lora_entry.built
-                await component(
-                    need, lambda cid=cid, w=cached: adapters.load_adapter(base, cid, w.state, w.metadata, self.placement)
-                )
+                await component(need, partial(adapters.load_adapter, base, cid, cached.state, cached.metadata, self.placement))
             else:
                 await component(need, None)
 

@@ -180,7 +180,7 @@ def denoise(
     if cancelled.is_set():
         raise Interrupted()
     adapters.activate(prepared.base, job.loras)
-    pipe = make_pipeline(prepared.base, prepared.controlnets, job.task)
+    pipe: Any = make_pipeline(prepared.base, prepared.controlnets, job.task)
 
     def callback(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         if cancelled.is_set():

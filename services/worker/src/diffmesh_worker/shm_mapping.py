@@ -37,6 +37,9 @@ DTYPES: dict[str, torch.dtype] = {
     "I16": torch.int16,
     "I8": torch.int8,
     "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
@@ -72,6 +75,11 @@ class SegmentMapper:
                 os.close(fd)
             self._maps[segment] = mapped
             return mapped
+
+    def mappings(self) -> dict[str, mmap.mmap]:
+        """The live mappings by segment name."""
+        with self._lock:
+            return dict(self._maps)
 
     def forget(self, segment: str) -> None:
         """Drops this mapper's reference; the mapping itself lives on while views of it exist."""

@@ -165,8 +165,9 @@ class ChildProcess:
                     proc.wait(10)
                 if proc.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL):
                     problems.append(f"{self.name} exited with status {proc.returncode} (log {self.log_path})")
-            if _group_alive(pgid):
-                problems.append(f"{self.name} left processes behind in group {pgid}; killed")
+            # Helpers of the service (e.g. multiprocessing's resource tracker) exit right after it.
+            if not _wait_group_gone(pgid, 5.0):
+                problems.append(f"{self.name} left processes behind in group {pgid}: {_group_members(pgid)}; killed")
                 _signal_group(pgid, signal.SIGKILL)
         if self._log is not None:
             self._log.close()
@@ -179,6 +180,31 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _group_members(pgid: int) -> str:
+    """``pid (command)`` of the processes in group ``pgid`` (from /proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after the last ')'
+        comm = text[text.find("(") + 1 : text.rfind(")")]
+        fields = text[text.rfind(")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid:
+            members.append(f"{stat.parent.name} ({comm})")
+    return ", ".join(members) or "?"
 
 
 def _group_alive(pgid: int) -> bool:

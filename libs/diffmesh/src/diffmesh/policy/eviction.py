@@ -1,8 +1,8 @@
 """Eviction: which copies leave a full tier, behind one interface.
 
 * :class:`UtilityEviction` — the paper's multi-dimensional utility. A copy's utility is
-  ``P(reuse within horizon) × cost to reload it from the next tier that still holds it
-  × kind weight / bytes``; the lowest-utility copies go first and pinned copies (the
+  ``P(reuse within horizon) x cost to reload it from the next tier that still holds it
+  x kind weight / bytes``; the lowest-utility copies go first and pinned copies (the
   HOT plan's replicas) never go.
 * :class:`LRUEviction`, :class:`LFUEviction`, :class:`GDSFEviction` — baselines
   (GDSF: Greedy-Dual-Size-Frequency, size-aware).
@@ -19,6 +19,7 @@ from collections.abc import Callable, Container, Hashable, Iterator
 from typing import Generic, Protocol, TypeVar
 
 K = TypeVar("K", bound=Hashable)
+K_contra = TypeVar("K_contra", bound=Hashable, contravariant=True)
 
 KIND_WEIGHTS: dict[str, float] = {"BASE": 2.0, "LORA": 1.0, "CONTROLNET": 1.0, "FUSED": 1.0}
 """Utility multiplier per component kind. A base weighs double: evicting it also strands
@@ -133,7 +134,7 @@ class LFUEviction(Generic[K]):
 
 
 class GDSFEviction(Generic[K]):
-    """Greedy-Dual-Size-Frequency: priority ``L + frequency × cost / bytes``, lowest first.
+    """Greedy-Dual-Size-Frequency: priority ``L + frequency x cost / bytes``, lowest first.
 
     ``L`` rises to the priority of each evicted copy, so long-idle copies age out.
     ``cost_of`` gives a key's reload cost (1 by default: plain size-awareness).
@@ -177,19 +178,19 @@ class GDSFEviction(Generic[K]):
         return _take(iter(order), need_bytes, sizes, protected)
 
 
-class UtilityModel(Protocol[K]):
+class UtilityModel(Protocol[K_contra]):
     """What the utility policy needs to know about a copy, supplied by the tier's owner."""
 
-    def rate(self, key: K, t: float) -> float:
+    def rate(self, key: K_contra, t: float) -> float:
         """Decayed request rate of the component (requests per second)."""
 
-    def reload_cost_s(self, key: K) -> float:
+    def reload_cost_s(self, key: K_contra) -> float:
         """Seconds to bring the copy back from the next tier that still holds it."""
 
-    def kind(self, key: K) -> str:
+    def kind(self, key: K_contra) -> str:
         """Component kind (``BASE``, ``LORA``, ``CONTROLNET``, ``FUSED``)."""
 
-    def pinned(self, key: K) -> bool:
+    def pinned(self, key: K_contra) -> bool:
         """True when the HOT plan pins this copy (it is never evicted)."""
 
 

@@ -24,7 +24,7 @@ def time_bucket(t_s: float, bucket_s: float = 3600.0, day_s: float = DAY_S) -> i
 
 
 class BanditPrefetcher(Generic[K]):
-    """Thompson-sampling bandit, one Beta(α, β) arm per (bucket, candidate)."""
+    """Thompson-sampling bandit, one Beta(alpha, beta) arm per (bucket, candidate)."""
 
     def __init__(self, seed: int = 0, prior: tuple[float, float] = (1.0, 1.0)) -> None:
         self._rng = random.Random(seed)
@@ -32,7 +32,7 @@ class BanditPrefetcher(Generic[K]):
         self._arms: dict[tuple[int, K], list[float]] = {}
 
     def posterior(self, bucket: int, key: K) -> tuple[float, float]:
-        """(α, β) of an arm."""
+        """(alpha, beta) of an arm."""
         arm = self._arms.get((bucket, key))
         return (arm[0], arm[1]) if arm else self.prior
 

@@ -1,6 +1,6 @@
 """HOT replica planner: persistent GPU replicas for HOT pipelines, sized by load share.
 
-Each HOT pipeline gets ``max(min_replicas, round(share × workers × headroom))`` replicas
+Each HOT pipeline gets ``max(min_replicas, round(share x workers x headroom))`` replicas
 (``share`` is its fraction of the cluster's decayed work). The plan is persistent: a
 replica stays where it was while the target still asks for it, and a plan only shrinks
 when the target falls clearly below the current count (``shrink_slack``). New replicas go

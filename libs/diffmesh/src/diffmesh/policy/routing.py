@@ -3,7 +3,7 @@
 ``ECT(worker) = queue wait + load time of the pipeline's missing components + compute``,
 where each missing component loads from the best tier that holds it for that worker
 (GPU: 0; HOST: device copy; SSD: disk read; REMOTE: fetch). Only workers whose free
-device memory fits the pipeline's weights *and* its activations (resolution × images)
+device memory fits the pipeline's weights *and* its activations (resolution x images)
 are eligible. With asymmetric loading the base loads first while adapters stream in
 concurrently, so adapters cost only the slowest of them; otherwise loads add up.
 """
@@ -21,7 +21,7 @@ TIER_ORDER = ("GPU", "HOST", "SSD", "REMOTE")
 
 
 def activation_bytes(images: int, width: int, height: int, bytes_per_image_at_native: int, native_side: int) -> int:
-    """Device memory the denoising activations need: ∝ pixels × images."""
+    """Device memory the denoising activations need: ∝ pixels x images."""
     scale = (width * height) / float(native_side * native_side)
     return int(bytes_per_image_at_native * scale * max(1, images))
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 TIER_SAVING: Mapping[str, float] = {"HOST": 1.0, "SSD": 0.8}
 """Share of a component's REMOTE load time that a copy in the tier saves (HOST→GPU is a
-memory copy; SSD→GPU still reads the disk, about 8× faster than the network)."""
+memory copy; SSD→GPU still reads the disk, about 8x faster than the network)."""
 
 
 @dataclass(frozen=True)

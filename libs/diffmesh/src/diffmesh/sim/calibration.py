@@ -1,6 +1,6 @@
 """Load and compute costs, calibrated from the trace's latency files.
 
-* REMOTE→GPU load of a component of kind K: ``init_K + transfer_K × bytes / median
+* REMOTE→GPU load of a component of kind K: ``init_K + transfer_K x bytes / median
   bytes of kind K``, where ``init_K`` is the 1st percentile of ``*_update_latency`` for K
   (the fixed work of any load: building the pipeline, applying an adapter) and
   ``init_K + transfer_K`` is its median. A median-sized component so costs the median.
@@ -10,10 +10,10 @@
 * REMOTE loads carry per-load jitter: the empirical ratio ``sample / median`` of the
   kind's file (ratios outside [0.25, 4] dropped: those are cached switches or outliers),
   picked by a hash of (component, request), so every system sees the same draw.
-* Compute: ``steps × step_s × family weight × (1 + image_coef × (images − 1))``.
+* Compute: ``steps x step_s x family weight x (1 + image_coef x (images - 1))``.
   image_coef comes from the 10th percentile of the request file's end-to-end time per
   image count (30-step requests without LoRAs: the warm runs); step_s makes the mean
-  compute 22.5 % of the mean observed end-to-end time (the study: denoising is 15–30 %
+  compute 22.5 % of the mean observed end-to-end time (the study: denoising is 15-30 %
   of it). Family weights are normalised to mean 1 over the family mix.
 
 Without the files, the medians of the trace README are used.
@@ -79,7 +79,7 @@ def _values(path: Path) -> np.ndarray:
 
 
 COMPUTE_SHARE = 0.225
-"""Share of end-to-end time that is denoising, per the study (15–30 %; midpoint)."""
+"""Share of end-to-end time that is denoising, per the study (15-30 %; midpoint)."""
 
 
 def fit_compute(workload: Workload) -> tuple[float, float] | None:
@@ -89,7 +89,7 @@ def fit_compute(workload: Workload) -> tuple[float, float] | None:
     percentile of end-to-end time per image count (30-step requests without LoRAs). The
     step time is then scaled so that the mean compute over all requests is
     :data:`COMPUTE_SHARE` of their mean observed end-to-end time: the study measured that
-    denoising is only 15–30 % of it, the rest being loading, switching and queueing.
+    denoising is only 15-30 % of it, the rest being loading, switching and queueing.
     """
     if workload.exec_time_s is None:
         return None
@@ -115,7 +115,9 @@ def fit_compute(workload: Workload) -> tuple[float, float] | None:
     return step_s, image_coef
 
 
-def calibrate(folder: Path | None, workload: Workload | None = None, ssd_speedup: float = 8.0, host_speedup: float = 40.0) -> Calibration:
+def calibrate(
+    folder: Path | None, workload: Workload | None = None, ssd_speedup: float = 8.0, host_speedup: float = 40.0
+) -> Calibration:
     """Calibration from a trace folder's latency files (defaults for what is missing)."""
     median = dict(DEFAULT_MEDIAN_S)
     init = dict(DEFAULT_INIT_S)

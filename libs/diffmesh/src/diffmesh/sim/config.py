@@ -12,7 +12,7 @@ GB = 1_000_000_000
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Nodes × GPUs with per-node HOST and SSD tiers.
+    """Nodes x GPUs with per-node HOST and SSD tiers.
 
     HOST and SSD capacities default to fractions of the workload's catalog bytes (a
     node's shared-memory pool holds ~15 % of the catalog, its SSD cache half), so the

@@ -10,7 +10,7 @@ admission, popularity, replica, fusion, prefetch and routing code the services i
 
 Per event the work is bounded by the pipeline's components and a handful of candidate
 workers (those holding the base, the HOT replicas, the least-busy worker of each node),
-so a run costs O(requests × (components + nodes)) plus eviction scans.
+so a run costs O(requests x (components + nodes)) plus eviction scans.
 """
 
 from __future__ import annotations
@@ -58,6 +58,20 @@ class SimResult:
     span_s: float
     gpus: int
     wall_s: float
+    busy_start: np.ndarray
+    busy_end: np.ndarray
+    arrival_s: np.ndarray
+    window_s: float
+    """Busy fractions are averaged over windows of this many simulated seconds (one trace hour)."""
+    cpu_s: float = 0.0
+
+    def busy_fraction(self) -> float:
+        """GPU busy fraction (loading or denoising) per window, averaged with each window weighted by its arrivals.
+
+        Weighting by arrivals keeps the idle nights and empty days of a diurnal trace from
+        diluting the figure: it is the utilisation a typical request meets.
+        """
+        return weighted_busy_fraction(self.busy_start, self.busy_end, self.arrival_s, self.window_s, self.gpus)
 
     def summary(self) -> dict[str, float | int]:
         """The per-system JSON object of ``diffmesh sim``."""
@@ -74,9 +88,28 @@ class SimResult:
             "misses": int(self.misses),
             "remote_bytes": int(self.remote_bytes),
             "ssd_bytes": int(self.ssd_bytes),
-            "gpu_busy": round(self.busy_s / (self.gpus * self.span_s), 4) if self.span_s > 0 else 0.0,
+            "gpu_busy": round(self.busy_fraction(), 4),
             "wall_s": round(self.wall_s, 4),
         }
+
+
+def weighted_busy_fraction(starts: np.ndarray, ends: np.ndarray, arrivals: np.ndarray, window_s: float, gpus: int) -> float:
+    """Arrival-weighted mean over windows of (busy GPU-seconds in the window) / (GPUs x window)."""
+    if arrivals.size == 0 or starts.size == 0 or window_s <= 0:
+        return 0.0
+    s = np.sort(starts)
+    e = np.sort(ends)
+    cs = np.concatenate([[0.0], np.cumsum(s)])
+    ce = np.concatenate([[0.0], np.cumsum(e)])
+    t0 = float(arrivals.min())
+    n_win = int((max(float(e[-1]), float(arrivals.max())) - t0) // window_s) + 2
+    edges = t0 + window_s * np.arange(n_win + 1)
+    k = np.searchsorted(s, edges)
+    m = np.searchsorted(e, edges)
+    busy_upto = (k * edges - cs[k]) - (m * edges - ce[m])
+    per_window = np.diff(busy_upto) / (gpus * window_s)
+    idx = ((arrivals - t0) // window_s).astype(np.int64)
+    return float(per_window[idx].mean())
 
 
 class Prepared:
@@ -124,7 +157,9 @@ class Prepared:
         self.loras = [p.loras for p in pipes]
         self.family = [comps[p.base].family for p in pipes]
         self.comps = [(p.base, *p.loras, *p.controlnets) for p in pipes]
-        self.fused_comps = [((p.base, self.overlay_of[j], *p.controlnets) if j in self.overlay_of else None) for j, p in enumerate(pipes)]
+        self.fused_comps = [
+            ((p.base, self.overlay_of[j], *p.controlnets) if j in self.overlay_of else None) for j, p in enumerate(pipes)
+        ]
         self.weights = [sum(nbytes[c] for c in cs) for cs in self.comps]
         self.fused_weights = [(sum(nbytes[c] for c in fc) if fc else 0) for fc in self.fused_comps]
         self.keys = [p.key for p in pipes]
@@ -226,12 +261,20 @@ class Simulator:
         def policy(model: _GpuModel | _HostModel, horizon: float) -> EvictionPolicy[int]:
             return UtilityEviction(model, horizon) if utility else LRUEviction()
 
-        self.gpu: list[BoundedCache[int]] = [BoundedCache(prep.gpu_bytes, policy(_GpuModel(self, w), st.horizon_gpu_s)) for w in range(self.W)]
-        self.host: list[BoundedCache[int]] = [BoundedCache(host_b, policy(_HostModel(self, n), st.horizon_host_s)) for n in range(self.nodes)]
-        self.ssd: list[BoundedCache[int]] = [BoundedCache(ssd_b, policy(_SsdModel(self, n), st.horizon_ssd_s)) for n in range(self.nodes)]
+        self.gpu: list[BoundedCache[int]] = [
+            BoundedCache(prep.gpu_bytes, policy(_GpuModel(self, w), st.horizon_gpu_s)) for w in range(self.W)
+        ]
+        self.host: list[BoundedCache[int]] = [
+            BoundedCache(host_b, policy(_HostModel(self, n), st.horizon_host_s)) for n in range(self.nodes)
+        ]
+        self.ssd: list[BoundedCache[int]] = [
+            BoundedCache(ssd_b, policy(_SsdModel(self, n), st.horizon_ssd_s)) for n in range(self.nodes)
+        ]
         self.host_ready: list[dict[int, float]] = [{} for _ in range(self.nodes)]
         self.ssd_ready: list[dict[int, float]] = [{} for _ in range(self.nodes)]
         self.gpu_holders: dict[int, set[int]] = {}
+        self.node_holding: dict[int, set[int]] = {}
+        """Nodes whose HOST or SSD tier holds each component."""
         self.queue: list[deque[int]] = [deque() for _ in range(self.W)]
         self.running = [False] * self.W
         self.outstanding = [0] * self.W
@@ -245,6 +288,9 @@ class Simulator:
         self.fused: set[int] = set()
         self.replicas: dict[int, list[int]] = {}
         self.pool_by_node: list[list[int]] = [list(range(n * self.gpn, (n + 1) * self.gpn)) for n in range(self.nodes)]
+        self.pool_flat: list[int] = list(range(self.W))
+        self.node_best = [-1] * self.nodes
+        self.dirty = [True] * self.nodes
         self.admission = ColdAdmission()
         self.bandit: BanditPrefetcher[int] = BanditPrefetcher(seed=seed)
         self.prefetched: dict[tuple[int, int], tuple[int, int]] = {}
@@ -263,6 +309,8 @@ class Simulator:
         self.ssd_bytes = 0
         self.gpu_loads = 0
         self.busy = 0.0
+        self.b_start: list[float] = []
+        self.b_end: list[float] = []
         self.heap: list[tuple[float, int, int, int]] = []
         self.seq = 0
 
@@ -292,18 +340,26 @@ class Simulator:
             if hs is not None:
                 hs.discard(w)
 
-    def _admit(self, cache: BoundedCache[int], ready: dict[int, float], c: int, t: float, at: float, cold: bool, n: int, is_host: bool) -> bool:
+    def _admit(
+        self, cache: BoundedCache[int], ready: dict[int, float], c: int, t: float, at: float, cold: bool, n: int, is_host: bool
+    ) -> bool:
         nbytes = self.prep.nbytes[c]
         if cold and self.spec.admission:
             victims = cache.plan_insert(nbytes, t, ())
             score = self.comp_pop.count(c, t)
-            if not self.admission.admit(score, nbytes, cache.free, None if victims is None else [self.comp_pop.count(v, t) for v in victims]):
+            if not self.admission.admit(
+                score, nbytes, cache.free, None if victims is None else [self.comp_pop.count(v, t) for v in victims]
+            ):
                 return False
         evicted = cache.insert(c, nbytes, t)
         if evicted is None:
             return False
+        self.node_holding.setdefault(c, set()).add(n)
+        other = self.ssd[n] if is_host else self.host[n]
         for v in evicted:
             ready.pop(v, None)
+            if v not in other.sizes:
+                self.node_holding[v].discard(n)
             if is_host and self.prefetched:
                 rec = self.prefetched.pop((n, v), None)
                 if rec is not None:
@@ -383,12 +439,13 @@ class Simulator:
 
     def _est_load(self, w: int, needed: tuple[int, ...]) -> float:
         sizes = self.gpu[w].sizes
+        missing = [c for c in needed if c not in sizes]
+        if not missing:
+            return 0.0
         n = w // self.gpn
-        base = 0.0 if needed[0] in sizes else self.node_cost(n, needed[0])
-        if len(needed) == 1:
-            return base
-        others = [0.0 if c in sizes else self.node_cost(n, c) for c in needed[1:]]
-        return pipeline_load_s(base, others, self.spec.asymmetric)
+        if needed[0] in sizes:
+            return pipeline_load_s(0.0, [self.node_cost(n, c) for c in missing], self.spec.asymmetric)
+        return pipeline_load_s(self.node_cost(n, missing[0]), [self.node_cost(n, c) for c in missing[1:]], self.spec.asymmetric)
 
     # ---- routing -----------------------------------------------------------------------
 
@@ -439,18 +496,30 @@ class Simulator:
         weights = prep.fused_weights[p] if needed is not prep.comps[p] else prep.weights[p]
         est_free = self.est_free
         key = est_free.__getitem__
-        near: set[int] = set()
+        near: list[int] = []
         reps = self.replicas.get(p)
         if reps:
-            near.update(reps)
+            near.extend(reps)
         holders = self.gpu_holders.get(needed[0])
         if holders:
-            near.update(holders)
+            near.extend(holders)
         # Workers already holding the base differ mostly by their wait: the few least busy suffice.
-        cands = heapq.nsmallest(NEAR_CANDIDATES, near, key=key) if len(near) > NEAR_CANDIDATES else sorted(near)
-        for ws in self.pool_by_node:
-            if ws:
-                cands.append(min(ws, key=key))
+        cands = sorted(near, key=key)[:NEAR_CANDIDATES] if len(near) > 1 else near
+        # Else: the least busy pool worker of each node whose HOST/SSD holds the base, and overall.
+        base = needed[0]
+        bests = self._node_bests()
+        pool_best = -1
+        holding = self.node_holding.get(base)
+        for n in range(self.nodes):
+            w = bests[n]
+            if w < 0:
+                continue
+            if holding and n in holding:
+                cands.append(w)
+            if pool_best < 0 or est_free[w] < est_free[pool_best]:
+                pool_best = w
+        if pool_best >= 0:
+            cands.append(pool_best)
         seen: set[int] = set()
         rows = []
         nb = prep.nbytes
@@ -473,8 +542,20 @@ class Simulator:
             load = next(r[2] for r in rows if r[0] == w)
         service = load + self._compute(i, p)
         est_free[w] = max(est_free[w], t) + service
+        self.dirty[w // self.gpn] = True
         self.est_service[i] = service
         return w
+
+    def _node_bests(self) -> list[int]:
+        """Per node, the pool worker expected to be free first (-1: none); recomputed only for changed nodes."""
+        bests = self.node_best
+        key = self.est_free.__getitem__
+        for n, d in enumerate(self.dirty):
+            if d:
+                ws = self.pool_by_node[n]
+                bests[n] = min(ws, key=key) if ws else -1
+                self.dirty[n] = False
+        return bests
 
     def _compute(self, i: int, p: int) -> float:
         n_lora = len(self.prep.loras[p])
@@ -489,7 +570,9 @@ class Simulator:
         prep = self.prep
         ranked = [(k, c) for k, c in self.pipe_pop.ranked(t) if c >= st.min_count]
         if self.spec.fusion:
-            self.fused = {int(k) for k in plan_fusion(((str(k), c) for k, c in ranked), lambda s: bool(prep.loras[int(s)]), st.fusion_top_k)}
+            self.fused = {
+                int(k) for k in plan_fusion(((str(k), c) for k, c in ranked), lambda s: bool(prep.loras[int(s)]), st.fusion_top_k)
+            }
         if not self.spec.bands:
             return
         self.band = assign_bands([k for k, _ in ranked], st.thresholds)
@@ -525,6 +608,8 @@ class Simulator:
         self.node_pinned = [set().union(*pinned[n * self.gpn : (n + 1) * self.gpn]) for n in range(self.nodes)]
         pool = [[w for w in range(n * self.gpn, (n + 1) * self.gpn) if not pinned[w]] for n in range(self.nodes)]
         self.pool_by_node = pool if any(pool) else [list(range(n * self.gpn, (n + 1) * self.gpn)) for n in range(self.nodes)]
+        self.pool_flat = [w for ws in self.pool_by_node for w in ws]
+        self.dirty = [True] * self.nodes
         for w in range(self.W):
             if pinned[w] and not self.running[w]:
                 self._warm_up(w, t)
@@ -545,8 +630,11 @@ class Simulator:
                 self._gpu_drop(w, evicted)
                 self.gpu_holders.setdefault(c, set()).add(w)
         self.busy += total
+        self.b_start.append(t)
+        self.b_end.append(t + total)
         self.running[w] = True
         self.est_free[w] = max(self.est_free[w], t + total)
+        self.dirty[n] = True
         self.seq += 1
         heapq.heappush(self.heap, (t + total, self.seq, w, -1))
 
@@ -578,9 +666,12 @@ class Simulator:
         load = self._load(w, p, t, i)
         service = load + self._compute(i, p)
         self.busy += service
+        self.b_start.append(t)
+        self.b_end.append(t + service)
         self.wait[i] = t - self.prep.arrival[i]
         if self.spec.routing == "ect":
             self.est_free[w] += service - self.est_service[i]
+            self.dirty[w // self.gpn] = True
         self.running[w] = True
         self.seq += 1
         heapq.heappush(self.heap, (t + service, self.seq, w, i))
@@ -647,6 +738,7 @@ class Simulator:
     def run(self) -> SimResult:
         """Simulate every request; returns the outcomes."""
         began = time.perf_counter()
+        cpu = time.process_time()
         prep = self.prep
         arrival = prep.arrival
         heap = self.heap
@@ -684,4 +776,9 @@ class Simulator:
             span_s=span,
             gpus=self.W,
             wall_s=time.perf_counter() - began,
+            busy_start=np.asarray(self.b_start),
+            busy_end=np.asarray(self.b_end),
+            arrival_s=np.asarray(arrival),
+            window_s=3600.0 / prep.compression,
+            cpu_s=time.process_time() - cpu,
         )

@@ -3,7 +3,7 @@
 The cluster's node caches are pooled into one cache of their total SSD capacity (any
 policy that cannot share copies between nodes needs at least as many REMOTE fetches as a
 single pooled cache). Components are requested in arrival order; on a miss the copy is
-fetched and, when space is short, the cached copies with the largest ``bytes × distance
+fetched and, when space is short, the cached copies with the largest ``bytes x distance
 to next use`` go first (never-again copies first of all, largest first).
 """
 

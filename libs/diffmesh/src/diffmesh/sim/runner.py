@@ -13,7 +13,7 @@ from diffmesh.sim.engine import Prepared, SimResult, Simulator
 from diffmesh.sim.oracle import belady_size_misses
 from diffmesh.trace.model import Workload
 
-DEFAULT_LOAD = 0.5
+DEFAULT_LOAD = 0.4
 
 
 def request_weighted_rate(arrival_s: np.ndarray, window_s: float = 3600.0) -> float:
@@ -25,7 +25,7 @@ def request_weighted_rate(arrival_s: np.ndarray, window_s: float = 3600.0) -> fl
 
 
 def compression_for_load(workload: Workload, mean_compute_s: float, gpus: int, load: float) -> float:
-    """Time compression so that the offered load (request-weighted rate × mean compute / GPUs) is ``load``."""
+    """Time compression so that the offered load (request-weighted rate x mean compute / GPUs) is ``load``."""
     rate = request_weighted_rate(workload.arrival_s)
     if rate <= 0 or mean_compute_s <= 0:
         return 1.0

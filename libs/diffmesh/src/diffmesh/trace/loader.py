@@ -90,7 +90,11 @@ def _read_pipelines(path: Path) -> tuple[list[str], dict[str, Counter[LoraSet]]]
         except (ValueError, SyntaxError):
             args = []
         loras: LoraSet = tuple(
-            sorted((str(a["modelVersionId"]), round(float(a.get("scale", 1.0)), 2)) for a in args if isinstance(a, dict) and a.get("modelVersionId"))
+            sorted(
+                (str(a["modelVersionId"]), round(float(a.get("scale", 1.0)), 2))
+                for a in args
+                if isinstance(a, dict) and a.get("modelVersionId")
+            )
         )
         per_base[base][loras] += 1
     return _rank(base_counts, first), per_base
@@ -131,7 +135,9 @@ def load_trace(folder: str | os.PathLike[str]) -> Workload:
         nl = int(max(0, _num(row.get("num_lora"), 0)))
         base = row.get("checkpoint_model_version_id") or "unknown"
         exec_s = _num(row.get("exec_time_seconds"), float("nan"))
-        rows.append((t, i, base, row.get("groupId") or "", TASK_CODES.get(row.get("predict_type") or "", 0), images, steps, nl, exec_s))
+        rows.append(
+            (t, i, base, row.get("groupId") or "", TASK_CODES.get(row.get("predict_type") or "", 0), images, steps, nl, exec_s)
+        )
     if not rows:
         raise ValueError(f"no requests in {req_path}")
     rows.sort(key=lambda r: (r[0], r[1]))

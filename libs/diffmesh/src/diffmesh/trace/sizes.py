@@ -2,8 +2,8 @@
 
 The trace names components by anonymised id only, so each id is hashed (BLAKE2b) to a
 number in [0, 1) that picks the family of a base model and places the size inside its
-kind's range: base 1–20 GB (by family: SD1.5 1–4, SDXL 5–8, SD3 8–12, FLUX 12–20),
-LoRA 0.1–1 GB and ControlNet 0.5–10 GB (log-uniform). The same id always gets the same
+kind's range: base 1-20 GB (by family: SD1.5 1-4, SDXL 5-8, SD3 8-12, FLUX 12-20),
+LoRA 0.1-1 GB and ControlNet 0.5-10 GB (log-uniform). The same id always gets the same
 size, whatever the seed or the file it came from.
 """
 
@@ -75,10 +75,10 @@ def base_bytes(cid: str, family: str | None = None) -> int:
 
 
 def lora_bytes(cid: str) -> int:
-    """Bytes of a LoRA adapter: log-uniform in 0.1–1 GB."""
+    """Bytes of a LoRA adapter: log-uniform in 0.1-1 GB."""
     return int(_log_uniform(unit_hash(cid, "size"), *LORA_GB) * GB)
 
 
 def controlnet_bytes(cid: str) -> int:
-    """Bytes of a ControlNet: log-uniform in 0.5–10 GB."""
+    """Bytes of a ControlNet: log-uniform in 0.5-10 GB."""
     return int(_log_uniform(unit_hash(cid, "size"), *CONTROLNET_GB) * GB)

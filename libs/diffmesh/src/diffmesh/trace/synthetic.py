@@ -2,7 +2,7 @@
 
 Base models are drawn from a Zipf law whose exponent is solved (bisection) so that the
 expected request counts have the requested Gini coefficient. A ``lora_share`` of the
-requests use one of a pool of LoRA pipelines (1–3 LoRAs, mostly 1), itself Zipf-ranked;
+requests use one of a pool of LoRA pipelines (1-3 LoRAs, mostly 1), itself Zipf-ranked;
 a ``controlnet_share`` add a ControlNet. Arrivals are Poisson with a day/night cycle;
 images per request follow the trace's mix (1: 55 %, 4: 23 %, 8: 15 %, 2: 7 %). Everything
 is drawn from one seeded generator, so a seed gives the same workload.
@@ -74,7 +74,9 @@ def synthetic_workload(
     index: dict[str, int] = {}
 
     def pipeline(b: int, ls: tuple[int, ...], scales: tuple[float, ...], cs: tuple[int, ...]) -> int:
-        key = canonical_key(components[b].cid, [(components[x].cid, s) for x, s in zip(ls, scales, strict=True)], [components[c].cid for c in cs])
+        key = canonical_key(
+            components[b].cid, [(components[x].cid, s) for x, s in zip(ls, scales, strict=True)], [components[c].cid for c in cs]
+        )
         if key not in index:
             index[key] = len(pipelines)
             pipelines.append(Pipeline(key, b, ls, scales, cs))

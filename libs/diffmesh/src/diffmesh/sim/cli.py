@@ -1,0 +1,107 @@
+"""``diffmesh sim``: replay a trace through every compared system and the oracle.
+
+``diffmesh sim --trace DIR --json FILE --plot FILE [--seed N] [--gpus N] [--load X]``
+prints the table and the target check, writes the JSON document and the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from diffmesh.sim.calibration import calibrate
+from diffmesh.sim.config import ABLATIONS, SYSTEMS, ClusterConfig, PolicySettings
+from diffmesh.sim.report import plot, table, targets
+from diffmesh.sim.runner import DEFAULT_LOAD, compare, prepare, run_system
+from diffmesh.trace.loader import TRACE_ENV, load_trace, trace_folder
+from diffmesh.trace.synthetic import synthetic_workload
+
+SWEEP_LOADS = (0.3, 0.45, 0.6, 0.75, 0.9)
+SWEEP_SYSTEMS = ("lru", "rayserve", "modelmesh", "diffmesh")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``sim``."""
+    p = subparsers.add_parser("sim", help="replay a trace through the simulator and compare systems")
+    p.add_argument("--trace", help=f"trace folder (default: ${TRACE_ENV}; a synthetic workload when neither is set)")
+    p.add_argument("--json", type=Path, help="write the results JSON here")
+    p.add_argument("--plot", type=Path, help="write the latency CDF + load sweep PNG here")
+    p.add_argument("--seed", type=int, default=0, help="seed (bandit sampling, synthetic workload)")
+    p.add_argument("--gpus", type=int, default=64, help="GPUs in the cluster, 8 per node (default 64)")
+    p.add_argument(
+        "--load", type=float, default=DEFAULT_LOAD, help=f"offered load, fraction of compute capacity (default {DEFAULT_LOAD})"
+    )
+    p.add_argument("--requests", type=int, default=0, help="replay only the first N requests (0: all)")
+    p.add_argument("--no-sweep", action="store_true", help="skip the offered-load sweep of the plot")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the comparison, print it, write JSON and plot."""
+    began = time.perf_counter()
+    folder = trace_folder(args.trace)
+    workload = load_trace(folder) if folder else synthetic_workload(seed=args.seed)
+    if args.requests > 0:
+        workload = workload.head(args.requests)
+    cal = calibrate(folder, workload)
+    cluster = ClusterConfig.for_gpus(args.gpus)
+    settings = PolicySettings()
+    prep = prepare(workload, cal, cluster, args.load)
+    result = compare(prep, settings, args.seed)
+    result.config = {
+        "trace": str(folder) if folder else workload.name,
+        "requests": len(workload),
+        "seed": args.seed,
+        "gpus": cluster.gpus,
+        "nodes": cluster.nodes,
+        "gpus_per_node": cluster.gpus_per_node,
+        "gpu_gb": cluster.gpu_gb,
+        "host_gb_per_node": round(cluster.host_bytes(prep.catalog_bytes) / 1e9, 1),
+        "ssd_gb_per_node": round(cluster.ssd_bytes(prep.catalog_bytes) / 1e9, 1),
+        "catalog_gb": round(prep.catalog_bytes / 1e9, 1),
+        "load": args.load,
+        "time_compression": round(prep.compression, 3),
+        "mean_compute_s": round(prep.mean_compute_s, 3),
+        "calibration": cal.summary(),
+        "policy": {k: (v if isinstance(v, int | float) else str(v)) for k, v in vars(settings).items()},
+        "requests_per_cpu_s": {
+            name: round(len(workload) / r.cpu_s) for name, r in {**result.systems, **result.ablations}.items() if r.cpu_s > 0
+        },
+    }
+    doc = result.to_json()
+    systems = doc["systems"]
+    assert isinstance(systems, dict)
+    rows = {k: v for k, v in systems.items() if k != "ablations"}
+    rows.update({f"abl:{k}": v for k, v in systems["ablations"].items()})
+    print(
+        f"trace: {result.config['trace']}  requests: {len(workload)}  "
+        f"GPUs: {cluster.gpus} ({cluster.nodes} nodes)  load: {args.load}"
+    )
+    print(table(rows, result.oracle_misses))
+    print()
+    for label, ok, detail in targets(doc):
+        print(f"  [{'met' if ok else 'MISSED'}] {label}: {detail}")
+    if args.plot:
+        sweep: dict[str, list[tuple[float, float, float]]] = {name: [] for name in SWEEP_SYSTEMS}
+        if not args.no_sweep:
+            for load in SWEEP_LOADS:
+                sp = prepare(workload, cal, cluster, load)
+                for name in SWEEP_SYSTEMS:
+                    lat = run_system(sp, SYSTEMS[name], settings, args.seed).latency_s
+                    sweep[name].append((load, float(lat.mean()), float(np.percentile(lat, 99))))
+        plot(args.plot, {**result.systems, **{f"abl:{k}": v for k, v in result.ablations.items()}}, sweep)
+        print(f"plot: {args.plot}")
+    doc["config"]["total_wall_s"] = round(time.perf_counter() - began, 2)  # type: ignore[index]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"json: {args.json}")
+    print(f"total wall time: {doc['config']['total_wall_s']} s")  # type: ignore[index]
+    return 0
+
+
+__all__ = ["ABLATIONS", "SYSTEMS", "add_parser", "run"]

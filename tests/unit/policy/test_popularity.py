@@ -1,0 +1,52 @@
+"""Decayed counters and popularity bands, against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from diffmesh.policy.popularity import Band, BandThresholds, DecayedCounter, assign_bands, band_sizes
+
+
+def test_count_halves_every_half_life_and_adds_one_per_request() -> None:
+    c: DecayedCounter[str] = DecayedCounter(half_life_s=10.0)
+    c.add("a", 0.0)
+    c.add("a", 0.0)
+    assert c.count("a", 0.0) == pytest.approx(2.0)
+    assert c.count("a", 10.0) == pytest.approx(1.0)
+    assert c.add("a", 20.0) == pytest.approx(1.5)  # 2 * 1/4 + 1
+    assert c.count("missing", 5.0) == 0.0
+
+
+def test_rate_is_count_over_mean_lifetime() -> None:
+    c: DecayedCounter[str] = DecayedCounter(half_life_s=100.0)
+    c.add("a", 0.0, amount=10.0)
+    assert c.rate("a", 0.0) == pytest.approx(10.0 * math.log(2) / 100.0)
+
+
+def test_ranked_orders_by_decayed_count() -> None:
+    c: DecayedCounter[str] = DecayedCounter(half_life_s=10.0)
+    c.add("old", 0.0, amount=3.0)  # 0.75 at t=20
+    c.add("new", 20.0)  # 1.0 at t=20
+    assert [k for k, _ in c.ranked(20.0)] == ["new", "old"]
+    assert c.prune(20.0, min_count=0.8) == 1
+    assert "old" not in c
+
+
+def test_band_sizes_round_up_and_partition() -> None:
+    assert band_sizes(100, BandThresholds()) == (5, 25)
+    assert band_sizes(10, BandThresholds()) == (1, 2)  # ceil(0.5)=1 hot, ceil(3.0)-1=2 warm
+    assert band_sizes(0, BandThresholds()) == (0, 0)
+
+
+def test_assign_bands_by_rank() -> None:
+    keys = [f"p{i}" for i in range(20)]
+    bands = assign_bands(keys)
+    assert bands["p0"] is Band.HOT
+    assert [bands[f"p{i}"] for i in range(1, 6)] == [Band.WARM] * 5
+    assert bands["p6"] is Band.COLD
+
+
+def test_thresholds_are_validated() -> None:
+    with pytest.raises(ValueError):
+        BandThresholds(hot_fraction=0.8, warm_fraction=0.5)
