@@ -31,10 +31,10 @@ from diffmesh_coordinator.app import CoordinatorApp
 from diffmesh_coordinator.settings import CoordinatorSettings
 from diffmesh_instance_manager.app import InstanceManagerApp
 from diffmesh_instance_manager.settings import InstanceManagerSettings
-from diffmesh_worker.app import WorkerApp
-from diffmesh_worker.settings import WorkerSettings
 from diffmesh_worker.adapters import adapter_name
+from diffmesh_worker.app import WorkerApp
 from diffmesh_worker.assemble import BuiltBase
+from diffmesh_worker.settings import WorkerSettings
 from diffmesh_worker.shm_mapping import is_shared_view
 from PIL import Image
 from safetensors.torch import load_file
@@ -116,6 +116,7 @@ def mesh(redis_url: str, demo_models: Path, tmp_path_factory: pytest.TempPathFac
             instance_manager=im.address,
             device="cpu",
             max_queue=1,
+            torch_threads=1,
         )
     )
     worker = ServerThread(app)

@@ -50,3 +50,10 @@ def test_assign_bands_by_rank() -> None:
 def test_thresholds_are_validated() -> None:
     with pytest.raises(ValueError):
         BandThresholds(hot_fraction=0.8, warm_fraction=0.5)
+
+
+def test_hot_keys_are_sticky_within_the_hysteresis() -> None:
+    keys = [f"p{i}" for i in range(40)]  # 2 HOT; sticky down to rank ceil(2 * 1.5) = 3
+    assert assign_bands(keys, previous_hot={"p2"})["p2"] is Band.HOT
+    assert assign_bands(keys, previous_hot={"p3"})["p3"] is Band.WARM
+    assert assign_bands(keys)["p2"] is Band.WARM

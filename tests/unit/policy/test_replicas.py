@@ -43,3 +43,8 @@ def test_plan_is_persistent() -> None:
 def test_plan_respects_pin_budget() -> None:
     hot = [HotPipeline("big", 0.5, "X", 20 * GB)]
     assert plan_hot_replicas(hot, slots(4, budget=12 * GB)) == {"big": []}
+
+
+def test_new_replicas_prefer_nodes_that_hold_the_files() -> None:
+    hot = [HotPipeline("a", 0.25, "B", 5 * GB, nodes=("n2",))]
+    assert plan_hot_replicas(hot, slots(8)) == {"a": ["w4", "w5"]}

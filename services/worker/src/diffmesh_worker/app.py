@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from diffmesh.channels import open_channel
 from diffmesh.errors import FailedPrecondition
 from diffmesh.telemetry import tracer
@@ -66,6 +67,9 @@ class WorkerApp:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
+        if settings.torch_threads:
+            # Process-wide: on a shared CPU, fewer threads avoid oversubscription stalls.
+            torch.set_num_threads(settings.torch_threads)
         self.device = resolve_device(settings.device)
         self.placement = DevicePlacement.for_device(self.device)
         self.mapper = SegmentMapper()

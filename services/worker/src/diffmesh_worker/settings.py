@@ -33,6 +33,11 @@ class WorkerSettings(ServiceSettings):
         0, ge=0, description="Device-tier cache budget in bytes; 0 = 80% of device memory (CUDA) or 50% of RAM (CPU)."
     )
     cache_max_components: int = Field(64, ge=1, description="Most components kept built on the device.")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads torch may use (set_num_threads); 0 = torch's default. Several CPU workers on one host: 1-2.",
+    )
     acquire_timeout_seconds: float = Field(300.0, gt=0, description="Deadline of an InstanceManager.Acquire call.")
     report_timeout_seconds: float = Field(
         5.0, gt=0, description="Deadline of coordinator calls (register, heartbeat, residency)."

@@ -222,6 +222,10 @@ class LocalMesh:
             f"{p}ADVERTISE_HOST": "127.0.0.1",
             f"{p}DEVICE": self.config.device,
         }
+        if f"{p}TORCH_THREADS" not in os.environ:
+            # Share the cores between the workers: oversubscribed torch/OpenMP threads spin
+            # and make CPU denoising several times slower.
+            env[f"{p}TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.config.workers))
         return ServiceSpec(f"worker-{index}", "diffmesh-worker", port, env)
 
     def _router_spec(self, coordinator: str) -> ServiceSpec:

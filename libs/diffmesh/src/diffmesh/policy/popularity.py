@@ -10,7 +10,7 @@ gives the bands: ``HOT`` (top ``hot_fraction`` of the ranked keys), ``WARM`` (th
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Container, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Generic, TypeVar
@@ -34,6 +34,9 @@ class BandThresholds:
 
     hot_fraction: float = 0.05
     warm_fraction: float = 0.25
+    hysteresis: float = 0.25
+    """A key that was HOT stays HOT while its rank is within ``(1 + hysteresis) x`` the HOT count,
+    so keys at the boundary do not flap (each flap moves persistent replicas)."""
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.hot_fraction <= 1.0 and 0.0 <= self.warm_fraction <= 1.0):
@@ -120,10 +123,19 @@ def band_sizes(n: int, thresholds: BandThresholds) -> tuple[int, int]:
     return hot, max(0, warm_end - hot)
 
 
-def assign_bands(ranked_keys: Sequence[K], thresholds: BandThresholds = BandThresholds()) -> dict[K, Band]:
-    """Bands for keys listed most popular first; keys not listed are COLD by convention."""
+def assign_bands(
+    ranked_keys: Sequence[K], thresholds: BandThresholds = BandThresholds(), previous_hot: Container[K] = ()
+) -> dict[K, Band]:
+    """Bands for keys listed most popular first; keys not listed are COLD by convention.
+
+    Keys in ``previous_hot`` keep HOT down to rank ``hot x (1 + hysteresis)``.
+    """
     hot, warm = band_sizes(len(ranked_keys), thresholds)
+    sticky = math.ceil(hot * (1.0 + thresholds.hysteresis) - 1e-9)
     bands: dict[K, Band] = {}
     for i, key in enumerate(ranked_keys):
-        bands[key] = Band.HOT if i < hot else Band.WARM if i < hot + warm else Band.COLD
+        if i < hot or (i < sticky and key in previous_hot):
+            bands[key] = Band.HOT
+        else:
+            bands[key] = Band.WARM if i < hot + warm else Band.COLD
     return bands

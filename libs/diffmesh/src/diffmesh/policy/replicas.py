@@ -26,6 +26,8 @@ class HotPipeline:
     base_bytes: int
     extra_bytes: int = 0
     """Bytes pinned beside the base: LoRAs, a fused overlay, ControlNets."""
+    nodes: tuple[str, ...] = ()
+    """Nodes whose SSD/HOST tiers already hold the pipeline's files (preferred for new replicas)."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ def plan_hot_replicas(
         target = replica_target(p.share, len(workers), settings)
         chosen = plan[p.key]
         while len(chosen) < target:
-            nodes = {pack.node[w] for w in chosen}
+            nodes = {pack.node[w] for w in chosen} | set(p.nodes)
             best: tuple[int, int, int, int] | None = None
             best_wid = ""
             for wid in pack.budget:

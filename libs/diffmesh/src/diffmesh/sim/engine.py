@@ -296,6 +296,7 @@ class Simulator:
         self.prefetched: dict[tuple[int, int], tuple[int, int]] = {}
         self.bucket = -1
         self.ticks = 0
+        self.hot_set: set[int] = set()
         self.warm: list[int] = []
         # Metrics.
         n = len(prep.req_pipe)
@@ -439,6 +440,9 @@ class Simulator:
 
     def _est_load(self, w: int, needed: tuple[int, ...]) -> float:
         sizes = self.gpu[w].sizes
+        if len(needed) == 1:
+            c = needed[0]
+            return 0.0 if c in sizes else self.node_cost(w // self.gpn, c)
         missing = [c for c in needed if c not in sizes]
         if not missing:
             return 0.0
@@ -520,19 +524,18 @@ class Simulator:
                 pool_best = w
         if pool_best >= 0:
             cands.append(pool_best)
-        seen: set[int] = set()
         rows = []
         nb = prep.nbytes
         cap = prep.gpu_bytes
-        for w in cands:
-            if w in seen:
-                continue
-            seen.add(w)
+        pinned_bytes = self.pinned_bytes
+        est_load = self._est_load
+        for w in dict.fromkeys(cands):
             free = cap
-            if self.pinned_bytes[w]:
+            if pinned_bytes[w]:
                 pins = self.pinned[w]
-                free = cap - self.pinned_bytes[w] + sum(nb[c] for c in needed if c in pins)
-            rows.append((w, max(0.0, est_free[w] - t), self._est_load(w, needed), free))
+                free = cap - pinned_bytes[w] + sum(nb[c] for c in needed if c in pins)
+            wait = est_free[w] - t
+            rows.append((w, wait if wait > 0.0 else 0.0, est_load(w, needed), free))
         best = choose_worker(rows, weights, prep.act[i], prep.compute[i])
         if best is None:
             w = min(range(self.W), key=lambda x: (self.pinned_bytes[x], est_free[x]))
@@ -575,12 +578,13 @@ class Simulator:
             }
         if not self.spec.bands:
             return
-        self.band = assign_bands([k for k, _ in ranked], st.thresholds)
+        self.band = assign_bands([k for k, _ in ranked], st.thresholds, self.hot_set)
         self.warm = [k for k, _ in ranked if self.band[k] is Band.WARM]
         hot = [k for k, _ in ranked if self.band[k] is Band.HOT]
         self.ticks += 1
-        if set(hot) == set(self.replicas) and self.ticks % st.replan_every:
+        if set(hot) == self.hot_set and self.ticks % st.replan_every:
             return
+        self.hot_set = set(hot)
         total = sum(self.pipe_work.count(k, t) for k, _ in ranked) or 1.0
         hp = []
         for k in hot:
@@ -592,6 +596,7 @@ class Simulator:
                     str(needed[0]),
                     prep.nbytes[needed[0]],
                     sum(prep.nbytes[c] for c in needed[1:]),
+                    tuple(str(n) for n in sorted(self.node_holding.get(needed[0], ()))),
                 )
             )
         budget = int(prep.gpu_bytes * st.pin_budget_fraction)
@@ -653,7 +658,8 @@ class Simulator:
         for p in self.bandit.select(bucket, self.warm, self.settings.prefetch_per_bucket):
             n = self._home_node(p)
             for c in self._needed(p):
-                if c in self.host[n].sizes:
+                # Promote SSD copies only: a speculative copy never costs REMOTE traffic.
+                if c in self.host[n].sizes or c not in self.ssd[n].sizes:
                     continue
                 self._fetch_to_node(n, c, t, i, False)
                 if c in self.host[n].sizes:

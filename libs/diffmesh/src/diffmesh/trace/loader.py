@@ -85,8 +85,9 @@ def _read_pipelines(path: Path) -> tuple[list[str], dict[str, Counter[LoraSet]]]
             continue
         base_counts[base] += 1
         first.setdefault(base, i)
+        text = row.get("lora_args") or "[]"
         try:
-            args = ast.literal_eval(row.get("lora_args") or "[]")
+            args = ast.literal_eval(text) if text.strip() != "[]" else []
         except (ValueError, SyntaxError):
             args = []
         loras: LoraSet = tuple(
