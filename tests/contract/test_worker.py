@@ -412,3 +412,30 @@ def test_status_answers_while_denoising(mesh: Mesh) -> None:
             call.cancel()
             break
     assert seen.is_set()
+
+
+def test_spans_break_down_queue_load_and_denoise(mesh: Mesh) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    _run(mesh, _request(seed=8, base=BASE_B, loras=((LORA_2, 0.5),)))
+    spans = {s.name: s for s in exporter.get_finished_spans() if s.name.startswith("worker.")}
+    assert {"worker.queue", "worker.load", "worker.load.component", "worker.denoise"} <= set(spans)
+    components = [s for s in exporter.get_finished_spans() if s.name == "worker.load.component"]
+    attrs = {s.attributes["component_id"]: dict(s.attributes or {}) for s in components}  # type: ignore[index]
+    assert set(attrs) == {BASE_B, LORA_2}
+    for values in attrs.values():
+        assert values["source_tier"] in ("TIER_GPU", "TIER_HOST", "TIER_SSD", "TIER_REMOTE")
+        assert isinstance(values["bytes"], int)
+    load = spans["worker.load"]
+    assert all(s.parent is not None and s.parent.span_id == load.context.span_id for s in components)
+    trace_ids = {s.context.trace_id for s in (*spans.values(), *components)}
+    assert len(trace_ids) == 1  # one request, one trace

@@ -54,6 +54,8 @@ def test_thresholds_are_validated() -> None:
 
 def test_hot_keys_are_sticky_within_the_hysteresis() -> None:
     keys = [f"p{i}" for i in range(40)]  # 2 HOT; sticky down to rank ceil(2 * 1.5) = 3
-    assert assign_bands(keys, previous_hot={"p2"})["p2"] is Band.HOT
-    assert assign_bands(keys, previous_hot={"p3"})["p3"] is Band.WARM
-    assert assign_bands(keys)["p2"] is Band.WARM
+    sticky = BandThresholds(hysteresis=0.5)
+    assert assign_bands(keys, sticky, previous_hot={"p2"})["p2"] is Band.HOT
+    assert assign_bands(keys, sticky, previous_hot={"p3"})["p3"] is Band.WARM
+    assert assign_bands(keys, sticky)["p2"] is Band.WARM
+    assert assign_bands(keys, previous_hot={"p2"})["p2"] is Band.WARM  # default: no hysteresis

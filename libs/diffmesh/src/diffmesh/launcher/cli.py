@@ -17,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from diffmesh.launcher.demo_requests import DemoRequest
 from diffmesh.launcher.mesh import LocalMesh, MeshConfig, stderr_progress
 from diffmesh.launcher.processes import ServiceFailed
 
@@ -72,6 +73,15 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         say("--workers must be at least 1")
         return 2
+    from diffmesh.launcher.demo_requests import load_requests
+
+    requests: list[DemoRequest] | None = None
+    if args.requests is not None:
+        try:
+            requests = load_requests(args.requests)  # before anything starts: fail fast
+        except ValueError as err:
+            say(f"FAILED: {err}")
+            return 2
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
@@ -84,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         mesh.start()
         say(f"mesh ready in {time.monotonic() - started:.1f} s; router at {mesh.router_address}; logs in {mesh.log_dir}")
-        status = _serve_requests(args, mesh, out)
+        status = _serve_requests(mesh, out, requests)
         if args.keep_running:
             say(f"serving at {mesh.router_address} (coordinator {mesh.coordinator_address}); Ctrl-C to stop")
             threading.Event().wait()
@@ -104,14 +114,15 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-def _serve_requests(args: argparse.Namespace, mesh: LocalMesh, out: Path) -> int:
+def _serve_requests(mesh: LocalMesh, out: Path, requests: list[DemoRequest] | None) -> int:
     from diffmesh.client import Client
     from diffmesh.launcher import report
-    from diffmesh.launcher.demo_requests import demo_requests, load_requests
+    from diffmesh.launcher.demo_requests import demo_requests
     from diffmesh.launcher.runner import run_requests
 
     assert mesh.catalog_path is not None
-    requests = load_requests(args.requests) if args.requests else demo_requests(mesh.catalog_path)
+    if requests is None:
+        requests = demo_requests(mesh.catalog_path)
     provider, tracer = _client_tracer(mesh.otlp_endpoint)
     say(f"sending {len(requests)} requests")
     with Client(mesh.router_address) as client:

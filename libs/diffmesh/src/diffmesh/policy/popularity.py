@@ -34,9 +34,10 @@ class BandThresholds:
 
     hot_fraction: float = 0.05
     warm_fraction: float = 0.25
-    hysteresis: float = 0.25
+    hysteresis: float = 0.0
     """A key that was HOT stays HOT while its rank is within ``(1 + hysteresis) x`` the HOT count,
-    so keys at the boundary do not flap (each flap moves persistent replicas)."""
+    so keys at the boundary do not flap. Off by default: on the shared trace keeping more
+    pipelines pinned cost more (fewer unpinned workers) than the avoided replica moves saved."""
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.hot_fraction <= 1.0 and 0.0 <= self.warm_fraction <= 1.0):
