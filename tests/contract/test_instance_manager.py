@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -24,6 +25,7 @@ from diffmesh_coordinator.app import CoordinatorApp
 from diffmesh_coordinator.settings import CoordinatorSettings
 from diffmesh_instance_manager.app import InstanceManagerApp
 from diffmesh_instance_manager.host import list_segments
+from diffmesh_instance_manager.pool import list_pools
 from diffmesh_instance_manager.settings import InstanceManagerSettings
 from safetensors.numpy import load_file, save_file
 
@@ -141,13 +143,13 @@ class Im:
     node_id: str
 
 
-def _start_im(mesh: Mesh | None, ssd_dir: Path, node_id: str | None = None, **overrides: object) -> tuple[Im, grpc.Channel]:
+def _start_im(mesh: Mesh | None, ssd_dir: Path, node_id: str | None = None, **overrides: Any) -> tuple[Im, grpc.Channel]:
     node_id = node_id or f"imt-{uuid.uuid4().hex[:8]}"
-    settings = InstanceManagerSettings(  # type: ignore[call-arg]
+    overrides.setdefault("allowed_roots", [str(mesh.root)] if mesh else [])
+    settings = InstanceManagerSettings(
         node_id=node_id,
         coordinator=mesh.coordinator.address if mesh else "",
         ssd_dir=str(ssd_dir),
-        allowed_roots=[str(mesh.root)] if mesh else [],
         **overrides,
     )
     app = InstanceManagerApp(settings)
@@ -351,9 +353,12 @@ def test_prefetch_to_ssd_then_host(im: Im) -> None:
     assert _acquire(im, "lora-d").handles[0].source_tier == common_pb2.TIER_HOST
 
 
+MIB = 1024 * 1024
+
+
 def test_full_host_tier_evicts_unleased_copies_or_says_when_to_retry(mesh: Mesh, tmp_path: Path) -> None:
-    one = mesh.paths["big-1"].stat().st_size
-    small, channel = _start_im(mesh, tmp_path / "ssd", host_capacity_bytes=one + one // 2)
+    # Every catalog artifact rounds up to one 2 MiB size class: a 3 MiB pool holds one block.
+    small, channel = _start_im(mesh, tmp_path / "ssd", host_capacity_bytes=3 * MIB)
     try:
         first = _acquire(small, "big-1")
         err = _error(lambda: _acquire(small, "big-2"))
@@ -370,12 +375,11 @@ def test_full_host_tier_evicts_unleased_copies_or_says_when_to_retry(mesh: Mesh,
     finally:
         channel.close()
         small.thread.stop()
-    assert list_segments(small.node_id) == []
+    assert list_segments(small.node_id) == [] and list_pools(small.node_id) == []
 
 
 def test_eviction_of_released_copies(mesh: Mesh, tmp_path: Path) -> None:
-    one = mesh.paths["big-1"].stat().st_size
-    small, channel = _start_im(mesh, tmp_path / "ssd", host_capacity_bytes=one + one // 2)
+    small, channel = _start_im(mesh, tmp_path / "ssd", host_capacity_bytes=3 * MIB)
     try:
         first = _acquire(small, "big-1")
         assert small.stub.Release(instance_manager_pb2.ReleaseRequest(lease_id=first.lease_id)).released == 1
@@ -386,11 +390,14 @@ def test_eviction_of_released_copies(mesh: Mesh, tmp_path: Path) -> None:
         assert host.evicted_bytes > 0 and host.components == 1
         assert host.used_bytes <= host.capacity_bytes
         assert _state(stats, "big-1").tier == common_pb2.TIER_SSD  # type: ignore[union-attr]
-        assert first.handles[0].files[0].segment not in list_segments(small.node_id)
+        # The pool's only block was reused in place.
+        before, after = first.handles[0].files[0], second.handles[0].files[0]
+        assert (after.segment, after.offset) == (before.segment, before.offset)
+        assert after.segment in list_pools(small.node_id)
     finally:
         channel.close()
         small.thread.stop()
-    assert list_segments(small.node_id) == []
+    assert list_segments(small.node_id) == [] and list_pools(small.node_id) == []
 
 
 def test_without_coordinator_acquire_fails_precondition_and_stats_serve(tmp_path: Path) -> None:
@@ -502,7 +509,7 @@ def test_remote_access_rules_that_the_catalog_cannot_express(tmp_path: Path) -> 
         (f"file://{tmp_path}/a/%2e%2e/ok.safetensors", InvalidArgument),
         (f"file://otherhost{tmp_path}/ok.safetensors", InvalidArgument),
         ("relative/ok.safetensors", InvalidArgument),
-        ("https://example.com/ok.safetensors", Unimplemented),
+        ("https://example.com/ok.safetensors", PermissionDenied),
         ("s3://bucket/ok.safetensors", Unimplemented),
         ("file:///etc/passwd", PermissionDenied),
         (f"file://{tmp_path}/missing.safetensors", NotFound),

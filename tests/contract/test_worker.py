@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -24,6 +25,8 @@ from diffmesh.v1 import (
     common_pb2,
     coordinator_pb2,
     coordinator_pb2_grpc,
+    instance_manager_pb2,
+    instance_manager_pb2_grpc,
     worker_pb2,
     worker_pb2_grpc,
 )
@@ -325,7 +328,7 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize(("field", "params"), BAD_REQUESTS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD_REQUESTS)])
-def test_invalid_params_are_refused_naming_the_field(mesh: Mesh, field: str, params: dict[str, object]) -> None:
+def test_invalid_params_are_refused_naming_the_field(mesh: Mesh, field: str, params: dict[str, Any]) -> None:
     err = _error(mesh, _request(**params))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in err.details()
@@ -357,6 +360,8 @@ def test_bad_controlnet_image_and_family_and_kind(mesh: Mesh) -> None:
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "pipeline.base_id" in err.details()
     err = _error(mesh, _request(base="bad id!"))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "pipeline.base_id" in err.details()
+    _, result = _run(mesh, _request(seed=2, loras=((LORA, 1.0),)))  # still serving
+    assert len(result.images) == 1
 
 
 def test_unknown_component_is_not_found_naming_it(mesh: Mesh) -> None:
@@ -364,11 +369,25 @@ def test_unknown_component_is_not_found_naming_it(mesh: Mesh) -> None:
     assert err.code() == grpc.StatusCode.NOT_FOUND and "no-such-base" in err.details()
     err = _error(mesh, _request(loras=(("no-such-lora", 1.0),)))
     assert err.code() == grpc.StatusCode.NOT_FOUND and "no-such-lora" in err.details()
+    _, result = _run(mesh, _request(seed=2))  # still serving
+    assert len(result.images) == 1
+
+
+def test_leases_are_held_only_for_device_resident_components(mesh: Mesh) -> None:
+    # After every request and error above, the IM leases this worker holds are exactly
+    # those of its device tier: nothing leaked by refused or cancelled requests.
+    resident = {r.component_id for r in mesh.stub.Status(worker_pb2.StatusRequest(), timeout=10).resident}
+    with grpc.insecure_channel(mesh.im.address) as channel:
+        stats = instance_manager_pb2_grpc.InstanceManagerServiceStub(channel).Stats(
+            instance_manager_pb2.StatsRequest(), timeout=10
+        )
+    leased = {c.component_id for c in stats.components if c.leases > 0}
+    assert resident and leased == resident
 
 
 def test_full_queue_is_resource_exhausted_and_cancel_frees_the_device(mesh: Mesh) -> None:
     # A long request holds the device; max_queue=1 lets one more wait; a third is refused.
-    long_call = mesh.stub.Run(_request(seed=11, steps=150, width=128, height=128), timeout=300)
+    long_call = mesh.stub.Run(_request(seed=11, steps=150), timeout=300)
     first = next(long_call)
     assert first.WhichOneof("event") == "queued"
     for event in long_call:  # wait until it denoises
@@ -393,7 +412,7 @@ def test_full_queue_is_resource_exhausted_and_cancel_frees_the_device(mesh: Mesh
 
 def test_deadline_stops_the_request_and_service_keeps_serving(mesh: Mesh) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        list(mesh.stub.Run(_request(seed=21, steps=150, width=128, height=128), timeout=3))
+        list(mesh.stub.Run(_request(seed=21, steps=150), timeout=3))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     _, result = _run(mesh, _request(seed=22))  # the device was freed
     assert len(result.images) == 1
@@ -402,7 +421,7 @@ def test_deadline_stops_the_request_and_service_keeps_serving(mesh: Mesh) -> Non
 
 
 def test_status_answers_while_denoising(mesh: Mesh) -> None:
-    call = mesh.stub.Run(_request(seed=31, steps=30, width=128, height=128), timeout=300)
+    call = mesh.stub.Run(_request(seed=31, steps=50), timeout=300)
     seen = threading.Event()
     for event in call:
         if event.WhichOneof("event") == "step":

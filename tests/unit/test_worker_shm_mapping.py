@@ -13,6 +13,7 @@ import struct
 from collections.abc import Iterator
 from multiprocessing import shared_memory
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -47,6 +48,7 @@ class Packed:
             if f.suffix != ".safetensors":
                 handle.configs.add(relpath=rel, content=data)
                 continue
+            assert shm.buf is not None
             shm.buf[offset : offset + len(data)] = data
             n = struct.unpack("<Q", data[:8])[0]
             header = json.loads(data[8 : 8 + n])
@@ -142,7 +144,7 @@ def test_inconsistent_index_is_data_loss(packed: Packed, tensors_file: Path) -> 
     handle = packed.pack(tensors_file, "t", common_pb2.COMPONENT_KIND_LORA)
     mapper = SegmentMapper()
     size = len(mapper.map(handle.files[0].segment))
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "unsupported dtype": dict(dtype="F128"),
         "needs": dict(length=handle.files[0].tensors[0].length + 4),
         "outside": dict(offset=size - 4),

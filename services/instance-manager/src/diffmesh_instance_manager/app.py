@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from pathlib import Path
 
-from diffmesh.v1 import coordinator_pb2, instance_manager_pb2, instance_manager_pb2_grpc
+from diffmesh.v1 import common_pb2, coordinator_pb2, instance_manager_pb2, instance_manager_pb2_grpc
 from grpc import aio
 
+from diffmesh_instance_manager.direct_io import DirectLoader
 from diffmesh_instance_manager.host import SegmentAllocator, remove_stale_segments
+from diffmesh_instance_manager.pool import HostPool, remove_stale_pools
 from diffmesh_instance_manager.remote import RemoteAccess
 from diffmesh_instance_manager.reporter import CatalogClient, CoordinatorReporter, open_coordinator
 from diffmesh_instance_manager.settings import InstanceManagerSettings
+from diffmesh_instance_manager.size_classes import BLOCK_GRANULARITY, SizeClass, size_classes
 from diffmesh_instance_manager.ssd import SsdCache
 from diffmesh_instance_manager.store import ComponentStore
 
@@ -30,7 +36,8 @@ class InstanceManagerServicer(instance_manager_pb2_grpc.InstanceManagerServiceSe
         self, request: instance_manager_pb2.AcquireRequest, context: aio.ServicerContext
     ) -> instance_manager_pb2.AcquireResponse:
         handles, lease_id = await self.app.store.acquire(list(request.component_ids), request.holder)
-        return instance_manager_pb2.AcquireResponse(handles=handles, lease_id=lease_id)
+        ttl = self.app.store.leases.ttl_s
+        return instance_manager_pb2.AcquireResponse(handles=handles, lease_id=lease_id, lease_ttl_seconds=ttl)
 
     async def Release(
         self, request: instance_manager_pb2.ReleaseRequest, context: aio.ServicerContext
@@ -48,6 +55,14 @@ class InstanceManagerServicer(instance_manager_pb2_grpc.InstanceManagerServiceSe
     ) -> instance_manager_pb2.StatsResponse:
         return self.app.store.stats(self.app.settings.node_id)
 
+    async def Fuse(
+        self, request: instance_manager_pb2.FuseRequest, context: aio.ServicerContext
+    ) -> instance_manager_pb2.FuseResponse:
+        # LoraRef.scale is a float32 on the wire: 0.8 arrives as 0.800000011920929; 6 decimals give back the value sent.
+        loras = [(ref.id, round(float(ref.scale), 6)) for ref in request.loras]
+        rec, handle, lease_id, created = await self.app.store.fuse(request.base_id, loras, request.fused_id, request.holder)
+        return instance_manager_pb2.FuseResponse(component=rec, handle=handle, lease_id=lease_id, created=created)
+
 
 class InstanceManagerApp:
     """One node's instance manager: SSD cache, shared-memory HOST tier, coordinator reporting."""
@@ -57,27 +72,94 @@ class InstanceManagerApp:
     def __init__(self, settings: InstanceManagerSettings) -> None:
         self.settings = settings
         self.allocator = SegmentAllocator(settings.node_id)
+        self.pool: HostPool | None = None
         self._channel: aio.Channel | None = None
         self.catalog: CatalogClient | None = None
         self.reporter: CoordinatorReporter | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self.store: ComponentStore = self._build_store()
 
     def _build_store(self) -> ComponentStore:
         s = self.settings
+        derived = s.ssd_path() / "derived"
         return ComponentStore(
             ssd=SsdCache(s.ssd_path()),
             ssd_capacity=s.ssd_capacity_bytes,
             host_capacity=s.host_capacity_bytes,
             allocator=self.allocator,
-            remote=RemoteAccess(s.allowed_roots),
+            # Fused overlays this node derived live in SSD_DIR/derived: their REMOTE tier.
+            remote=RemoteAccess([*s.allowed_roots, str(derived)]),
             lookup=self._lookup if s.coordinator else None,
             config_cap=s.config_max_bytes,
             retry_after_s=s.retry_after_seconds,
+            pinned=set(s.pinned_components),
+            lease_ttl_s=s.lease_ttl_seconds,
+            register=self._register if s.coordinator else None,
+            derived_dir=derived,
         )
 
-    async def _lookup(self, component_id: str) -> coordinator_pb2.common__pb2.Component:  # type: ignore[name-defined]
+    async def _lookup(self, component_id: str) -> common_pb2.Component:
         assert self.catalog is not None
         return await self.catalog.get(component_id)
+
+    async def _register(self, component: common_pb2.Component) -> common_pb2.Component:
+        assert self.catalog is not None
+        return await self.catalog.register(component)
+
+    async def _pool_classes(self) -> list[SizeClass]:
+        """Size classes from the catalog's component sizes (equal weights: request shares are not known here)."""
+        s = self.settings
+        sizes: list[int] = []
+        if self.catalog is not None:
+            try:
+                sizes = [c.bytes for c in await self.catalog.list_all() if c.bytes > 0]
+            except aio.AioRpcError as exc:
+                log.warning("catalog unavailable for HOST size classes", extra={"code": exc.code().name})
+        if not sizes:
+            # No catalog: one class of a quarter of the pool (at least one 2 MiB block).
+            quarter = s.host_capacity_bytes // 4 // BLOCK_GRANULARITY * BLOCK_GRANULARITY
+            return [SizeClass(max(BLOCK_GRANULARITY, quarter), 1.0, 0, 0.0)]
+        return size_classes(sizes, None, k=s.pool_classes)
+
+    async def _start_pool(self) -> None:
+        s = self.settings
+        stale = await asyncio.to_thread(remove_stale_pools, s.node_id)
+        if stale:
+            log.warning("removed stale HOST pools", extra={"count": len(stale), "node_id": s.node_id})
+        classes = await self._pool_classes()
+        # cudaHostRegister only where a CUDA driver exists (importing torch costs seconds otherwise).
+        pin = None if Path("/dev/nvidiactl").exists() else False
+        self.pool = await asyncio.to_thread(
+            lambda: HostPool(s.node_id, s.host_capacity_bytes, classes, prefault=s.pool_prefault, pin=pin)
+        )
+        self.store.use_pool(self.pool, DirectLoader(direct=None if s.direct_io else False))
+        stats = self.pool.stats()
+        log.info(
+            "HOST pool ready",
+            extra={
+                "segment": stats.segment,
+                "bytes": stats.capacity_bytes,
+                "classes": ",".join(f"{c.blocks}x{c.block_size}" for c in stats.classes),
+                "pinned": stats.pinned,
+            },
+        )
+
+    async def _sweep_leases(self) -> None:
+        """Ends the leases of holders that are gone (see ``leases``)."""
+        s = self.settings
+        interval = min(10.0, max(0.05, s.lease_ttl_seconds / 3))
+        while True:
+            await asyncio.sleep(interval)
+            live: set[str] | None = set()
+            if self.catalog is not None:
+                try:
+                    live = await self.catalog.live_workers(s.node_id)
+                except aio.AioRpcError as exc:
+                    # The coordinator cannot tell who is alive: expire nobody rather than a live worker.
+                    log.warning("lease sweep skipped: coordinator unavailable", extra={"code": exc.code().name})
+                    live = None
+            if live is not None:
+                self.store.expire_leases(time.time(), live)
 
     def add_to_server(self, server: aio.Server) -> list[str]:
         """Adds the InstanceManagerService."""
@@ -93,11 +175,17 @@ class InstanceManagerApp:
         await self.store.open()
         if not s.allowed_roots:
             log.warning("DIFFMESH_IM_ALLOWED_ROOTS is empty: every artifact URI will be refused")
-        if not s.coordinator:
-            log.warning("no coordinator configured: Acquire and Prefetch answer FAILED_PRECONDITION")
+        stub = None
+        if s.coordinator:
+            self._channel, stub = open_coordinator(s.coordinator)
+            self.catalog = CatalogClient(stub)
+        if s.host_capacity_bytes > 0:
+            await self._start_pool()
+        if s.lease_ttl_seconds > 0:
+            self._sweeper = asyncio.create_task(self._sweep_leases())
+        if stub is None:
+            log.warning("no coordinator configured: Acquire, Prefetch and Fuse answer FAILED_PRECONDITION")
             return
-        self._channel, stub = open_coordinator(s.coordinator)
-        self.catalog = CatalogClient(stub)
         node = coordinator_pb2.NodeInfo(
             node_id=s.node_id,
             instance_manager_address=f"{s.advertise_host}:{port}",
@@ -109,9 +197,14 @@ class InstanceManagerApp:
         self.reporter.start()
 
     async def stop(self) -> None:
-        """Stops reporting and unlinks every shared-memory segment this process created."""
+        """Stops reporting and unlinks every shared-memory segment (and the HOST pool) this process created."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         if self.reporter is not None:
             await self.reporter.stop()
+        # Frees every block, then closes the allocator: the pool last, after every load (and view) has finished.
         await self.store.close()
         if self._channel is not None:
             await self._channel.close()

@@ -254,6 +254,7 @@ class DirectLoader:
         self.seconds = 0.0
         self.direct_reads = 0
         self.buffered_reads = 0
+        self.direct_bytes = 0
 
     def read_into(self, path: Path, dest: memoryview) -> None:
         """Fills ``dest`` with the first ``len(dest)`` bytes of ``path``; ``DataLoss`` if the file is shorter."""
@@ -268,6 +269,7 @@ class DirectLoader:
             self.seconds += result.seconds
             if result.direct:
                 self.direct_reads += 1
+                self.direct_bytes += result.bytes_read
             else:
                 self.buffered_reads += 1
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from diffmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
+from .host import HostBlock
 from .size_classes import BLOCK_GRANULARITY, SizeClass
 
 log = logging.getLogger(__name__)
@@ -87,14 +88,10 @@ class PoolExhausted(ResourceExhausted):
 
 
 @dataclass(frozen=True)
-class PoolBlock:
-    """A block handed out by the pool (attribute-compatible with ``host.HostBlock``)."""
+class PoolBlock(HostBlock):
+    """A block handed out by the pool: a ``host.HostBlock`` (``offset`` from the segment start,
+    ``length`` = bytes requested ≤ ``block_size``) plus its class."""
 
-    segment: str
-    offset: int
-    """Offset of the block from the start of the segment."""
-    length: int
-    """Bytes requested (≤ ``block_size``)."""
     block_size: int
     class_index: int
 
@@ -273,7 +270,7 @@ class HostPool:
                     return PoolBlock(self.segment, self._starts[i] + idx * size, nbytes, size, i)
         raise PoolExhausted(nbytes, fitting)
 
-    def free(self, block: PoolBlock) -> None:
+    def free(self, block: HostBlock) -> None:
         """Returns ``block`` to its class. Raises ``ValueError`` for a block not handed out by this pool."""
         i, idx = self._locate(block)
         with self._lock:
@@ -282,7 +279,7 @@ class HostPool:
             del self._used[i][idx]
             heapq.heappush(self._free[i], idx)
 
-    def _locate(self, block: PoolBlock) -> tuple[int, int]:
+    def _locate(self, block: HostBlock) -> tuple[int, int]:
         if block.segment != self.segment:
             raise ValueError(f"block of segment {block.segment!r} does not belong to pool {self.segment!r}")
         for i, (start, n, c) in enumerate(zip(self._starts, self._counts, self.classes, strict=True)):
@@ -293,7 +290,7 @@ class HostPool:
                 return i, idx
         raise ValueError(f"offset {block.offset} is not a block boundary of pool {self.segment!r}")
 
-    def view(self, block: PoolBlock) -> memoryview:
+    def view(self, block: HostBlock) -> memoryview:
         """A writable view of the block's first ``block.length`` bytes; ``release()`` it when done."""
         buf = self._shm.buf
         if buf is None or self._closed:

@@ -41,6 +41,33 @@ class CatalogClient:
         self._cache[component_id] = resp.component
         return resp.component
 
+    async def register(self, component: common_pb2.Component) -> common_pb2.Component:
+        """Registers a (derived) component; the coordinator's errors propagate unchanged."""
+        resp = await self._stub.RegisterComponent(
+            coordinator_pb2.RegisterComponentRequest(component=component), timeout=RPC_TIMEOUT_S
+        )
+        self._cache[resp.component.id] = resp.component
+        return resp.component
+
+    async def list_all(self, max_pages: int = 100) -> list[common_pb2.Component]:
+        """Every catalog record (paged ListComponents)."""
+        out: list[common_pb2.Component] = []
+        token = ""
+        for _ in range(max_pages):
+            resp = await self._stub.ListComponents(
+                coordinator_pb2.ListComponentsRequest(page_size=1000, page_token=token), timeout=RPC_TIMEOUT_S
+            )
+            out += resp.components
+            token = resp.next_page_token
+            if not token:
+                break
+        return out
+
+    async def live_workers(self, node_id: str) -> set[str]:
+        """Ids of this node's workers whose coordinator lease is current."""
+        resp = await self._stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=RPC_TIMEOUT_S)
+        return {w.worker_id for n in resp.nodes if n.node_id == node_id for w in n.workers}
+
 
 class CoordinatorReporter:
     """Node registration, heartbeats and residency reports (all in background tasks)."""

@@ -42,6 +42,19 @@ class InstanceManagerSettings(ServiceSettings):
     retry_after_seconds: float = Field(
         2.0, gt=0, description="Retry hint sent with RESOURCE_EXHAUSTED when the HOST tier is all leased."
     )
+    pool_classes: int = Field(5, ge=1, le=64, description="Size classes of the HOST pool (weighted k-means over catalog sizes).")
+    pool_prefault: bool = Field(True, description="Touch every page of the HOST pool at start (loads then allocate nothing).")
+    direct_io: bool = Field(True, description="SSD -> HOST with O_DIRECT (buffered fallback where refused); false: buffered.")
+    pinned_components: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Component ids the hot plan pins: never evicted from SSD or HOST; comma-separated or JSON.",
+    )
+    lease_ttl_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="A holder's leases end after this long without a new Acquire and without being a live worker at the "
+        "coordinator; 0 = never.",
+    )
 
     @field_validator("node_id")
     @classmethod
@@ -50,7 +63,7 @@ class InstanceManagerSettings(ServiceSettings):
             raise ValueError("node_id must match [A-Za-z0-9._-]{1,64}")
         return value
 
-    @field_validator("allowed_roots", mode="before")
+    @field_validator("allowed_roots", "pinned_components", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):

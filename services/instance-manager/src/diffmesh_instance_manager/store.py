@@ -5,15 +5,22 @@ All state lives on the event loop; file and shared-memory work runs in threads
 await through ``asyncio.shield``, so concurrent requests share one fetch and a caller
 that goes away does not abort a load others wait for.
 
-Capacity: before a copy is made its bytes are reserved; when a tier would overflow, the
-eviction policy picks among copies that are neither leased (HOST) nor being read (SSD).
-When that cannot free enough, the request fails with RESOURCE_EXHAUSTED and a retry hint.
+Capacity: before an SSD copy is made its bytes are reserved; when the tier would
+overflow, the eviction policy (the shared utility policy, see :mod:`.eviction`) picks
+among copies that are neither being read nor pinned by the hot plan. The HOST tier is a
+pre-allocated pool of size-class blocks when bounded (:mod:`.pool`): when no block of a
+fitting class is free, the lowest-utility copy of such a class that no lease holds and
+the hot plan does not pin is evicted and its block reused. When nothing can be evicted,
+the request fails with RESOURCE_EXHAUSTED and a retry hint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
@@ -21,13 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from diffmesh.artifacts import artifact_bytes, artifact_sha256
+from diffmesh.catalog import check_id
+from diffmesh.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from diffmesh.pipeline_key import canonical_key
 from diffmesh.telemetry import tracer
 from diffmesh.v1 import common_pb2, coordinator_pb2, instance_manager_pb2
+from grpc import StatusCode, aio
 
-from diffmesh_instance_manager.eviction import Candidate, EvictionPolicy, LruPolicy
+from diffmesh_instance_manager.eviction import Candidate, EvictionPolicy, Popularity, UtilityPolicy
 from diffmesh_instance_manager.host import (
     BufferedLoader,
+    ComponentPlan,
     FileLoader,
     HostAllocator,
     HostBlock,
@@ -36,7 +48,8 @@ from diffmesh_instance_manager.host import (
     plan_component,
     to_handle,
 )
-from diffmesh_instance_manager.leases import LeaseTable
+from diffmesh_instance_manager.leases import Lease, LeaseTable
+from diffmesh_instance_manager.pool import HostPool, PoolBlock, PoolExhausted
 from diffmesh_instance_manager.remote import Fetcher, FileFetcher, RemoteAccess
 from diffmesh_instance_manager.ssd import SsdCache, SsdEntry, entry_name
 
@@ -47,6 +60,12 @@ SSD = common_pb2.TIER_SSD
 HOST = common_pb2.TIER_HOST
 REMOTE = common_pb2.TIER_REMOTE
 MAX_IDS = 16
+MAX_FUSE_LORAS = 8
+MAX_LORA_SCALE = 4.0
+FUSE_HOLDER = "im:fuse"
+#: Bandwidths assumed for reload costs before this node has measured its own (bytes/s).
+DEFAULT_REMOTE_BPS = 0.2e9
+DEFAULT_SSD_BPS = 1.0e9
 
 
 def tier_name(tier: int) -> str:
@@ -56,6 +75,7 @@ def tier_name(tier: int) -> str:
 
 Record = common_pb2.Component
 RecordLookup = Callable[[str], Awaitable[Record]]
+RecordRegister = Callable[[Record], Awaitable[Record]]
 ResidencyListener = Callable[[coordinator_pb2.ResidencyUpdate], None]
 
 
@@ -68,6 +88,10 @@ class TierCounters:
     loaded_bytes: int = 0
     load_seconds: float = 0.0
     evicted_bytes: int = 0
+
+    def bandwidth(self, default: float) -> float:
+        """Measured load bandwidth in bytes/s (``default`` before the first load)."""
+        return self.loaded_bytes / self.load_seconds if self.load_seconds > 0 and self.loaded_bytes > 0 else default
 
 
 class ComponentStore:
@@ -88,6 +112,10 @@ class ComponentStore:
         host_policy: EvictionPolicy | None = None,
         config_cap: int = 16 * 1024 * 1024,
         retry_after_s: float = 2.0,
+        pinned: set[str] | None = None,
+        lease_ttl_s: float = 0.0,
+        register: RecordRegister | None = None,
+        derived_dir: Path | None = None,
     ) -> None:
         self.ssd = ssd
         self.ssd_capacity = ssd_capacity
@@ -97,13 +125,19 @@ class ComponentStore:
         self.lookup = lookup
         self.fetcher: Fetcher = fetcher or FileFetcher()
         self.loader: FileLoader = loader or BufferedLoader()
-        self.ssd_policy: EvictionPolicy = ssd_policy or LruPolicy()
-        self.host_policy: EvictionPolicy = host_policy or LruPolicy()
+        self.pool: HostPool | None = allocator if isinstance(allocator, HostPool) else None
+        self.pinned: set[str] = set(pinned or ())
+        self.popularity = Popularity()
+        self.ssd_policy: EvictionPolicy = ssd_policy or UtilityPolicy(self.popularity, self._ssd_reload_s, self.pinned)
+        self.host_policy: EvictionPolicy = host_policy or UtilityPolicy(self.popularity, self._host_reload_s, self.pinned)
         self.config_cap = config_cap
         self.retry_after_s = retry_after_s
+        self.register = register
+        self.derived_dir = derived_dir or ssd.root / "derived"
         self.ssd_entries: dict[str, SsdEntry] = {}
         self.host_entries: dict[str, HostEntry] = {}
-        self.leases = LeaseTable()
+        self.leases = LeaseTable(lease_ttl_s)
+        self._fusing: dict[str, asyncio.Task[tuple[Record, bool]]] = {}
         self.counters: dict[int, TierCounters] = {SSD: TierCounters(), HOST: TierCounters()}
         self.listeners: list[ResidencyListener] = []
         self._reserved: dict[int, int] = {SSD: 0, HOST: 0}
@@ -114,16 +148,31 @@ class ComponentStore:
 
     # ---- lifecycle -------------------------------------------------------------------
 
+    def use_pool(self, pool: HostPool, loader: FileLoader) -> None:
+        """Makes ``pool`` the HOST tier (before the first load): its size classes bound the tier."""
+        if self.host_entries:
+            raise RuntimeError("the HOST pool must be installed before anything is loaded")
+        self.allocator = pool
+        self.pool = pool
+        self.loader = loader
+        self.host_capacity = pool.capacity_bytes
+
+    def set_pinned(self, component_ids: set[str] | list[str]) -> None:
+        """Replaces the hot plan's pinned set: these copies are never evicted from SSD or HOST."""
+        self.pinned.clear()
+        self.pinned.update(component_ids)
+
     async def open(self) -> None:
         """Loads the SSD index (the SSD tier survives restarts)."""
         self.ssd_entries = await asyncio.to_thread(self.ssd.open)
+        await asyncio.to_thread(self.derived_dir.mkdir, parents=True, exist_ok=True)
         self._index_seq = 1
 
     async def close(self, wait_s: float = 30.0) -> None:
         """Stops background work and frees every HOST block (unlinking its segment)."""
         for task in list(self._background):
             task.cancel()
-        pending = [t for t in self._inflight.values() if not t.done()]
+        pending = [t for t in (*self._inflight.values(), *self._fusing.values()) if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=wait_s)
         for task in pending:
@@ -171,7 +220,19 @@ class ComponentStore:
             raise InvalidArgument("holder", "required (the worker id holding the lease)")
         recs = await self.records(ids)
         unique = list({r.id: r for r in recs}.values())
-        lease = self.leases.open(holder)
+        now = time.time()
+        for rec in unique:
+            self.popularity.record(rec.id, now)
+        lease = self.leases.open(holder, now)
+        try:
+            handles = await self._acquire_leased(unique, lease)
+        except BaseException:
+            self.leases.close(lease.lease_id)
+            raise
+        return [handles[cid] for cid in ids], lease.lease_id
+
+    async def _acquire_leased(self, unique: list[Record], lease: Lease) -> dict[str, instance_manager_pb2.HostHandle]:
+        """HOST residency of ``unique`` pinned to ``lease``: the BASE starts first, the rest concurrently."""
         handles: dict[str, instance_manager_pb2.HostHandle] = {}
 
         async def one(rec: Record) -> None:
@@ -194,21 +255,33 @@ class ComponentStore:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.leases.close(lease.lease_id)
             raise
-        return [handles[cid] for cid in ids], lease.lease_id
+        return handles
 
     def release(self, lease_id: str) -> int:
         """Ends a lease; returns how many components lost their last lease."""
         if not lease_id:
             raise InvalidArgument("lease_id", "required")
         freed = self.leases.close(lease_id)
-        now = time.time()
-        for cid in freed:
+        self._touch(freed, time.time())
+        return len(freed)
+
+    def _touch(self, component_ids: list[str], now: float) -> None:
+        for cid in component_ids:
             entry = self.host_entries.get(cid)
             if entry is not None:
                 entry.last_used = now
-        return len(freed)
+
+    def expire_leases(self, now: float, live_holders: set[str] | None = None) -> list[str]:
+        """Renews ``live_holders`` (workers the coordinator reports live), then ends the leases of
+        holders silent for longer than the lease TTL; returns the ended lease ids."""
+        if live_holders:
+            self.leases.renew(live_holders & self.leases.holders(), now)
+        ended, freed = self.leases.expire(now)
+        if ended:
+            self._touch(freed, now)
+            log.warning("expired leases of silent holders", extra={"leases": len(ended), "components": ",".join(freed)})
+        return ended
 
     async def _host_leased(self, rec: Record, lease: Any) -> int:
         """Ensures HOST residency and pins the copy to ``lease``; returns the tier it came from."""
@@ -226,6 +299,121 @@ class ComponentStore:
                 self.counters[HOST].misses += 1
             source = await self._single_flight(HOST, rec, self._load_host)
         raise Unavailable(f"component {rec.id!r} was evicted repeatedly while loading; retry")
+
+    # ---- Fuse --------------------------------------------------------------------------
+
+    async def fuse(
+        self, base_id: str, loras: list[tuple[str, float]], fused_id: str, holder: str
+    ) -> tuple[Record, instance_manager_pb2.HostHandle, str, bool]:
+        """Merges ``loras`` into ``base_id`` as a FUSED overlay in the SSD and HOST tiers.
+
+        Returns the registered record, its HOST handle, a lease id (when ``holder`` is
+        given) and whether this call computed it. Concurrent calls for one overlay compute
+        it once.
+        """
+        if not base_id:
+            raise InvalidArgument("base_id", "required")
+        if not 1 <= len(loras) <= MAX_FUSE_LORAS:
+            raise InvalidArgument("loras", f"1-{MAX_FUSE_LORAS} LoRAs are required, got {len(loras)}")
+        seen: set[str] = set()
+        for i, (lid, scale) in enumerate(loras):
+            if not lid:
+                raise InvalidArgument(f"loras[{i}].id", "empty id")
+            if lid in seen:
+                raise InvalidArgument(f"loras[{i}].id", f"{lid!r} is listed twice")
+            seen.add(lid)
+            if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
+                bound = MAX_LORA_SCALE
+                raise InvalidArgument(f"loras[{i}].scale", f"must be finite within [-{bound}, {bound}], got {scale}")
+        if not fused_id:
+            key = canonical_key(base_id, loras)
+            fused_id = "fused-" + hashlib.sha256(key.encode()).hexdigest()[:20]
+        check_id("fused_id", fused_id)
+        if self.register is None:
+            raise FailedPrecondition("Fuse registers the overlay with the coordinator, and none is configured")
+        task = self._fusing.get(fused_id)
+        created = task is None
+        if task is None:
+            task = asyncio.create_task(self._fuse_once(base_id, loras, fused_id))
+            self._fusing[fused_id] = task
+            task.add_done_callback(lambda _t: self._fusing.pop(fused_id, None))
+        rec, created_now = await asyncio.shield(task)
+        lease = self.leases.open(holder or FUSE_HOLDER, time.time())
+        try:
+            self.popularity.record(rec.id, time.time())
+            t0 = time.perf_counter()
+            source = await self._host_leased(rec, lease)
+            handle = to_handle(self.host_entries[rec.id], source, time.perf_counter() - t0)
+        finally:
+            if not holder:
+                self.leases.close(lease.lease_id)
+        return rec, handle, lease.lease_id if holder else "", created and created_now
+
+    async def _fuse_once(self, base_id: str, loras: list[tuple[str, float]], fused_id: str) -> tuple[Record, bool]:
+        assert self.register is not None
+        existing = await self._known(fused_id)
+        if existing is not None:
+            if existing.kind != common_pb2.COMPONENT_KIND_FUSED or existing.base_id != base_id:
+                raise InvalidArgument("fused_id", f"{fused_id!r} already names another catalog component")
+            return existing, False
+        recs = await self.records([base_id, *(lid for lid, _ in loras)])
+        base, lora_recs = recs[0], recs[1:]
+        if base.kind != common_pb2.COMPONENT_KIND_BASE:
+            raise InvalidArgument("base_id", f"{base_id!r} is not a BASE component")
+        for i, rec in enumerate(lora_recs):
+            if rec.kind != common_pb2.COMPONENT_KIND_LORA:
+                raise InvalidArgument(f"loras[{i}].id", f"{rec.id!r} is not a LORA component")
+            if rec.family != base.family:
+                raise InvalidArgument(f"loras[{i}].id", f"{rec.id!r} is family {rec.family!r}, the base is {base.family!r}")
+        lease = self.leases.open(FUSE_HOLDER, time.time())
+        try:
+            await self._acquire_leased(recs, lease)
+            dest = self.derived_dir / f"{fused_id}.safetensors"
+            copies = [self.host_entries[r.id] for r in recs]
+            await asyncio.to_thread(self._write_overlay, copies, [s for _, s in loras], dest)
+        finally:
+            self.leases.close(lease.lease_id)
+        digest, size = await asyncio.to_thread(lambda: (artifact_sha256(dest), artifact_bytes(dest)))
+        record = common_pb2.Component(
+            id=fused_id,
+            kind=common_pb2.COMPONENT_KIND_FUSED,
+            family=base.family,
+            uri=dest.as_uri(),
+            bytes=size,
+            sha256=digest,
+            format=common_pb2.ARTIFACT_FORMAT_SAFETENSORS,
+            base_id=base_id,
+            labels={"diffmesh.loras": json.dumps([{"id": lid, "scale": s} for lid, s in loras], sort_keys=True)},
+        )
+        stored = await self.register(record)
+        log.info("fused overlay registered", extra={"component_id": fused_id, "base_id": base_id, "bytes": size})
+        return stored, True
+
+    def _write_overlay(self, copies: list[HostEntry], scales: list[float], dest: Path) -> None:
+        from diffmesh_instance_manager.overlays import HostCopy, write_overlay  # torch: imported on first Fuse
+
+        views = [self.allocator.view(e.block) if e.block is not None else memoryview(b"") for e in copies]
+        try:
+            host = [HostCopy(e.component_id, e.plan, v) for e, v in zip(copies, views, strict=True)]
+            write_overlay(host[0], list(zip(host[1:], scales, strict=True)), dest)
+            del host
+        finally:
+            for v in views:
+                try:
+                    v.release()
+                except BufferError:
+                    pass  # a tensor view still exports it; it goes with the garbage
+
+    async def _known(self, component_id: str) -> Record | None:
+        """The catalog record of ``component_id``, or None when the catalog does not have it."""
+        try:
+            return await self.record(component_id)
+        except NotFound:
+            return None
+        except aio.AioRpcError as exc:
+            if exc.code() == StatusCode.NOT_FOUND:
+                return None
+            raise
 
     # ---- Prefetch ----------------------------------------------------------------------
 
@@ -295,10 +483,15 @@ class ComponentStore:
             )
         need = rec.bytes if rec.bytes > 0 else 0
         await self._make_room(SSD, need, rec.id)
+        reserved = need
         tmp = self.ssd.tmp_path(rec.id)
         t0 = time.perf_counter()
         try:
             size = await asyncio.to_thread(self.fetcher.fetch, source, rec.sha256, tmp)
+            if size > reserved:
+                # The catalog under-stated the size (or did not give it): room for the rest, or nothing is published.
+                await self._make_room(SSD, size - reserved, rec.id)
+                reserved = size
             new = SsdEntry(
                 rec.id, rec.sha256.lower(), entry_name(rec.id, rec.sha256.lower()), size, source.is_dir, rec.kind, time.time()
             )
@@ -310,7 +503,7 @@ class ComponentStore:
             await asyncio.to_thread(self.ssd.discard, tmp)
             raise
         finally:
-            self._reserved[SSD] -= need
+            self._reserved[SSD] -= reserved
         self.ssd_entries[rec.id] = new
         counters.loaded_bytes += size
         counters.load_seconds += time.perf_counter() - t0
@@ -327,12 +520,15 @@ class ComponentStore:
         try:
             path = self.ssd.path(ssd_entry)
             plan = await asyncio.to_thread(plan_component, rec.id, path, ssd_entry.is_dir, self.config_cap)
-            await self._make_room(HOST, plan.block_bytes, rec.id)
             t0 = time.perf_counter()
-            try:
-                block = await asyncio.to_thread(materialize, plan, self.allocator, self.loader)
-            finally:
-                self._reserved[HOST] -= plan.block_bytes
+            if self.pool is not None:
+                block = await self._materialize_pooled(plan, rec.id)
+            else:
+                await self._make_room(HOST, plan.block_bytes, rec.id)
+                try:
+                    block = await asyncio.to_thread(materialize, plan, self.allocator, self.loader)
+                finally:
+                    self._reserved[HOST] -= plan.block_bytes
             seconds = time.perf_counter() - t0
         finally:
             self._ssd_readers[rec.id] -= 1
@@ -346,6 +542,42 @@ class ComponentStore:
         self._notify(rec.id, HOST, True, entry.bytes, entry.last_used)
         return source
 
+    async def _materialize_pooled(self, plan: ComponentPlan, component_id: str) -> HostBlock | None:
+        """Copies ``plan`` into a pool block, evicting the lowest-utility evictable copy of a fitting class when none is free."""
+        assert self.pool is not None
+        if plan.block_bytes > 0 and not self.pool.fitting_classes(plan.block_bytes):
+            largest = max(c.block_size for c in self.pool.stats().classes if c.blocks)
+            raise ResourceExhausted(
+                f"HOST tier: component {component_id!r} needs {plan.block_bytes} bytes, more than the pool's largest "
+                f"block ({largest} bytes); nothing was loaded",
+                retry_after_s=self.retry_after_s,
+            )
+        for _ in range(8):
+            try:
+                return await asyncio.to_thread(materialize, plan, self.allocator, self.loader)
+            except PoolExhausted as exc:
+                classes = set(exc.classes)
+                candidates = [
+                    c
+                    for c in self._candidates(HOST)
+                    if isinstance(block := self.host_entries[c.component_id].block, PoolBlock) and block.class_index in classes
+                ]
+                if not candidates:
+                    raise ResourceExhausted(
+                        f"HOST tier full: component {component_id!r} needs a {plan.block_bytes}-byte block and every "
+                        f"block that fits is leased, pinned or loading",
+                        retry_after_s=self.retry_after_s,
+                    ) from None
+                # One block of a fitting class is enough: the lowest-utility candidate goes.
+                policy = self.host_policy
+                order = policy.order(candidates, time.time()) if isinstance(policy, UtilityPolicy) else []
+                victim = order[0] if order else min(candidates, key=lambda c: c.last_used).component_id
+                self._evict(HOST, [victim])
+        raise ResourceExhausted(
+            f"HOST tier busy: component {component_id!r} lost the freed block to concurrent loads 8 times",
+            retry_after_s=self.retry_after_s,
+        )
+
     # ---- capacity ------------------------------------------------------------------------
 
     def _used(self, tier: int) -> int:
@@ -354,27 +586,41 @@ class ComponentStore:
         return sum(e.bytes for e in self.ssd_entries.values())
 
     def _candidates(self, tier: int) -> list[Candidate]:
+        """Copies that may go: not pinned by the hot plan, not leased (HOST), not being read (SSD)."""
         if tier == HOST:
             return [
                 Candidate(e.component_id, e.bytes, e.last_used, e.kind)
                 for e in self.host_entries.values()
-                if self.leases.refs(e.component_id) == 0
+                if self.leases.refs(e.component_id) == 0 and e.component_id not in self.pinned
             ]
         loading = {cid for (t, cid) in self._inflight if t == HOST}
         return [
             Candidate(e.component_id, e.bytes, e.last_used, e.kind)
             for e in self.ssd_entries.values()
-            if self._ssd_readers[e.component_id] == 0 and e.component_id not in loading
+            if self._ssd_readers[e.component_id] == 0 and e.component_id not in loading and e.component_id not in self.pinned
         ]
 
+    def _host_reload_s(self, component_id: str, nbytes: int) -> float:
+        """Seconds to bring a HOST copy back: from SSD when it is there, else from REMOTE through SSD."""
+        seconds = nbytes / self.counters[HOST].bandwidth(DEFAULT_SSD_BPS)
+        if component_id not in self.ssd_entries:
+            seconds += nbytes / self.counters[SSD].bandwidth(DEFAULT_REMOTE_BPS)
+        return seconds
+
+    def _ssd_reload_s(self, component_id: str, nbytes: int) -> float:
+        """Seconds to bring an SSD copy back from REMOTE."""
+        return nbytes / self.counters[SSD].bandwidth(DEFAULT_REMOTE_BPS)
+
     async def _make_room(self, tier: int, need: int, component_id: str) -> None:
-        """Reserves ``need`` bytes in ``tier``, evicting unpinned copies when it is bounded and full."""
+        """Reserves ``need`` bytes in ``tier``, evicting evictable copies when it is bounded and full."""
         capacity = self.ssd_capacity if tier == SSD else self.host_capacity
         name = tier_name(tier)
         if capacity > 0:
             if need > capacity:
-                raise FailedPrecondition(
-                    f"component {component_id!r} needs {need} bytes, more than the {name} capacity of {capacity}"
+                raise ResourceExhausted(
+                    f"{name} tier: component {component_id!r} needs {need} bytes, more than the tier's capacity of "
+                    f"{capacity}; nothing was published",
+                    retry_after_s=self.retry_after_s,
                 )
             overflow = self._used(tier) + self._reserved[tier] + need - capacity
             if overflow > 0:
@@ -389,7 +635,8 @@ class ComponentStore:
                 if sum(sizes[v] for v in victims) < overflow:
                     raise ResourceExhausted(
                         f"{name} tier full: component {component_id!r} needs {need} bytes and only "
-                        f"{sum(sizes.values())} bytes are evictable (the rest is leased or loading)",
+                        f"{sum(sizes.values())} bytes are evictable (the rest is leased, pinned, being read or loading); "
+                        "nothing was published",
                         retry_after_s=self.retry_after_s,
                     )
                 self._evict(tier, victims)
@@ -404,7 +651,11 @@ class ComponentStore:
                 counters.evicted_bytes += e.bytes
                 self._notify(e.component_id, HOST, False, e.bytes, e.last_used)
             blocks = [e.block for e in host_gone if e.block is not None]
-            self._spawn(asyncio.to_thread(_free_blocks, self.allocator, blocks), ",".join(victims))
+            if self.pool is not None:
+                # Only copies no lease holds are evicted, so the blocks can be reused at once.
+                _free_blocks(self.allocator, blocks)
+            else:
+                self._spawn(asyncio.to_thread(_free_blocks, self.allocator, blocks), ",".join(victims))
         else:
             ssd_gone = [self.ssd_entries.pop(v) for v in victims]
             for s in ssd_gone:
@@ -466,7 +717,15 @@ class ComponentStore:
                 loaded_bytes=c.loaded_bytes,
                 load_seconds=c.load_seconds,
                 evicted_bytes=c.evicted_bytes,
+                load_gbps=c.loaded_bytes / c.load_seconds / 1e9 if c.load_seconds > 0 else 0.0,
+                direct_bytes=int(getattr(self.loader, "direct_bytes", 0)) if tier == HOST else 0,
             )
+        if self.pool is not None:
+            pool_stats = self.pool.stats()
+            for cls in pool_stats.classes:
+                resp.pool_classes.add(block_size=cls.block_size, blocks=cls.blocks, used=cls.used, wasted_bytes=cls.wasted_bytes)
+            resp.fragmentation = pool_stats.fragmentation
+            resp.pool_pinned = pool_stats.pinned
         for cid in sorted(set(self.ssd_entries) | set(self.host_entries)):
             host = self.host_entries.get(cid)
             ssd = self.ssd_entries.get(cid)

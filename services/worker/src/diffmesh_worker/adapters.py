@@ -117,9 +117,12 @@ def _load(
 
 
 def _delete(host: Any, name: str) -> None:
-    for module in (host.unet, host.text_encoder):
-        if name in getattr(module, "peft_config", {}):
-            module.delete_adapters(name)  # type: ignore[operator]
+    with warnings.catch_warnings():
+        # peft warns when the deleted adapter was active; the next request activates its own.
+        warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+        for module in (host.unet, host.text_encoder):
+            if name in getattr(module, "peft_config", {}):
+                module.delete_adapters(name)
 
 
 def unload_adapter(base: BuiltBase, component_id: str) -> None:

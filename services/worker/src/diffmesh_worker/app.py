@@ -4,7 +4,7 @@ One request holds the device at a time; loading and denoising run in a single de
 thread so the event loop keeps serving ``Status``, queue positions and health. A request
 runs as its own task, separate from the RPC handler: when the client cancels or its
 deadline passes, the handler sets the interrupt flag and the task stops at the next
-denoising step (or after the component being built), cleans up, and frees the device.
+denoising step (loading, if under way, completes and stays cached), and frees the device.
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ class WorkerApp:
             load_started = time.perf_counter()
             with _tracer.start_as_current_span("worker.load") as span:
                 span.set_attribute("pipeline_key", job.pipeline_key)
-                outcome = await self._loader.prepare(job, events.put_nowait, cancelled)
+                outcome = await self._loader.prepare(job, events.put_nowait)
             load_s = time.perf_counter() - load_started
 
             def on_step(step: int, total: int) -> None:

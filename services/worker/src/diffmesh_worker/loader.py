@@ -7,13 +7,16 @@ and built in the device thread, base first, then ControlNets, then LoRA adapters
 component gets a ``worker.load.component`` span, a ``ProgressLoading`` event and a
 ``ComponentLoad`` entry. New entries join the device cache (their residency is reported),
 and least recently used ones are evicted to make room (their leases released).
+
+Loading is not interrupted when the client goes away: one Acquire lease covers all the
+components it fetched, so a half-built set could not be released cleanly, and the built
+modules are warm state for the next request anyway. Denoising is what stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -29,7 +32,7 @@ from grpc import aio
 from diffmesh_worker import adapters
 from diffmesh_worker.assemble import BuiltBase, BuiltControlNet, DevicePlacement, build_base, build_controlnet
 from diffmesh_worker.device_cache import CacheEntry, DeviceCache, Lease, LoraWeights, Removed
-from diffmesh_worker.runner import Interrupted, Prepared
+from diffmesh_worker.runner import Prepared
 from diffmesh_worker.shm_mapping import SegmentMapper
 from diffmesh_worker.validation import Job
 
@@ -120,7 +123,7 @@ class Loader:
         if need.kind != common_pb2.COMPONENT_KIND_BASE and family != base_family:
             raise InvalidArgument(need.field, f"{need.component_id!r} is family {family!r} but the base is {base_family!r}")
 
-    async def prepare(self, job: Job, emit: Callable[[worker_pb2.RunResponse], None], cancelled: threading.Event) -> Outcome:
+    async def prepare(self, job: Job, emit: Callable[[worker_pb2.RunResponse], None]) -> Outcome:
         """Makes every component of ``job`` ready on the device; returns the modules and the loads."""
         needs = self._needs(job)
         pinned = {n.component_id for n in needs}
@@ -137,7 +140,7 @@ class Loader:
             lease = Lease(resp.lease_id)
             handles = {h.component_id: h for h in resp.handles}
         try:
-            return await self._build_all(job, needs, pinned, handles, lease, acquire_s, emit, cancelled)
+            return await self._build_all(job, needs, pinned, handles, lease, acquire_s, emit)
         finally:
             if lease is not None and not lease.holding:
                 await self.release(lease.lease_id)
@@ -163,7 +166,6 @@ class Loader:
         lease: Lease | None,
         acquire_s: float,
         emit: Callable[[worker_pb2.RunResponse], None],
-        cancelled: threading.Event,
     ) -> Outcome:
         base_kind, base_family = self._identity(job.base_id, handles)
         for need in needs:
@@ -204,8 +206,6 @@ class Loader:
                 bytes=nbytes,
                 seconds=seconds,
             )
-            if cancelled.is_set():
-                raise Interrupted()
             return result
 
         def add(cid: str, kind: int, family: str, nbytes: int, built: Any) -> None:

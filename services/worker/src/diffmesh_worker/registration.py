@@ -42,6 +42,7 @@ class Registrar:
         self.registered = asyncio.Event()
         self._updates: asyncio.Queue[list[coordinator_pb2.ResidencyUpdate] | None] = asyncio.Queue()
         self._need_snapshot = True
+        self._live = False
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -52,14 +53,15 @@ class Registrar:
         ]
 
     async def stop(self) -> None:
-        """Stops both loops (pending reports are flushed first, briefly)."""
-        await self._updates.put(None)
-        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self._tasks[1]), timeout=self.timeout_s) if len(self._tasks) > 1 else None
+        """Flushes queued reports (briefly), then stops both loops."""
+        self._updates.put_nowait(None)
+        if len(self._tasks) > 1:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._tasks[1]), timeout=self.timeout_s)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
 
     def report(self, present: bool, components: list[tuple[str, int]]) -> None:
@@ -98,29 +100,32 @@ class Registrar:
         )
         self._need_snapshot = False
 
+    async def beat(self) -> None:
+        """One heartbeat: registers when not (or no longer) registered, then re-reports if needed."""
+        if not self._live:
+            await self._register()
+            self._live = True
+        else:
+            resp = await self.stub.Heartbeat(
+                coordinator_pb2.HeartbeatRequest(node_id=self.info.node_id, worker_id=self.info.worker_id),
+                timeout=self.timeout_s,
+            )
+            if resp.lease_seconds > 0:
+                self.lease_seconds = resp.lease_seconds
+            if resp.reregister:
+                log.info("lease lapsed; registering again", extra={"worker_id": self.info.worker_id})
+                await self._register()
+        if self._need_snapshot:
+            await self._send_snapshot()
+
     async def _heartbeat_loop(self) -> None:
-        registered = False
         while True:
             try:
-                if not registered:
-                    await self._register()
-                    registered = True
-                else:
-                    resp = await self.stub.Heartbeat(
-                        coordinator_pb2.HeartbeatRequest(node_id=self.info.node_id, worker_id=self.info.worker_id),
-                        timeout=self.timeout_s,
-                    )
-                    if resp.lease_seconds > 0:
-                        self.lease_seconds = resp.lease_seconds
-                    if resp.reregister:
-                        log.info("lease lapsed; registering again", extra={"worker_id": self.info.worker_id})
-                        await self._register()
-                if self._need_snapshot:
-                    await self._send_snapshot()
+                await self.beat()
                 delay = self.lease_seconds / 3
             except aio.AioRpcError as exc:
                 log.warning("coordinator call failed", extra={"code": exc.code().name, "detail": exc.details()})
-                registered = False
+                self._live = False  # the lease may have lapsed meanwhile: register again
                 delay = min(2.0, self.lease_seconds / 3)
             await asyncio.sleep(delay)
 

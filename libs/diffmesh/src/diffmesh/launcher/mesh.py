@@ -274,8 +274,17 @@ class LocalMesh:
             return self.problems
         self._started = False
         problems = self.problems
-        for proc in reversed(self.processes):
-            problems += proc.stop(self.config.stop_grace_s)
+        # Router first (no new requests), then the workers together, the instance manager, the coordinator.
+        order = ["router", "diffmesh-worker", "instance-manager", "coordinator"]
+        stages: dict[str, list[ChildProcess]] = {}
+        for proc in self.processes:
+            key = proc.name if proc.name in order else proc.spec.script
+            stages.setdefault(key, []).append(proc)
+        for key in [*order, *[k for k in stages if k not in order]]:
+            for proc in stages.get(key, []):
+                proc.terminate()
+            for proc in stages.get(key, []):
+                problems += proc.wait_stopped(self.config.stop_grace_s)
         # Only segments of our node that were not there before: other meshes may share /dev/shm.
         ours = f"{SHM_PREFIX}{self.config.node_id}_"
         leaked = sorted(s for s in shm_segments() - self._shm_before if s.startswith(ours))

@@ -149,14 +149,18 @@ class ChildProcess:
                     raise self.failure(f"not SERVING on {self.address} after {timeout:.0f} s")
                 time.sleep(0.2)
 
-    def stop(self, grace: float = 15.0) -> list[str]:
-        """SIGTERM to the process group, up to ``grace`` s to exit, then SIGKILL; returns problems seen."""
+    def terminate(self) -> None:
+        """Sends SIGTERM to the process group (the service starts draining); see :meth:`wait_stopped`."""
+        if self._proc is not None and self._proc.poll() is None:
+            _signal_group(self._proc.pid, signal.SIGTERM)
+
+    def wait_stopped(self, grace: float = 15.0) -> list[str]:
+        """Waits up to ``grace`` s for the exit, then SIGKILLs the group; returns the problems seen."""
         problems: list[str] = []
         proc = self._proc
         if proc is not None:
             pgid = proc.pid  # start_new_session: the child leads its own group
-            if proc.poll() is None:
-                _signal_group(pgid, signal.SIGTERM)
+            if proc.returncode is None:
                 try:
                     proc.wait(grace)
                 except subprocess.TimeoutExpired:
@@ -173,6 +177,11 @@ class ChildProcess:
             self._log.close()
             self._log = None
         return problems
+
+    def stop(self, grace: float = 15.0) -> list[str]:
+        """SIGTERM to the process group, up to ``grace`` s to exit, then SIGKILL; returns problems seen."""
+        self.terminate()
+        return self.wait_stopped(grace)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -230,9 +230,20 @@ class UtilityEviction(Generic[K]):
     def victims(self, need_bytes: int, t: float, sizes: dict[K, int], protected: Container[K]) -> list[K] | None:
         if need_bytes <= 0:
             return []
-        scored = [(self.utility(k, sizes[k], t), i, k) for i, k in enumerate(self._keys) if k not in protected]
-        scored.sort(key=lambda x: (x[0], x[1]))
-        return _take((k for u, _, k in scored if u != math.inf), need_bytes, sizes, ())
+        m = self.model
+        pinned, rate, reload_cost, kind = m.pinned, m.rate, m.reload_cost_s, m.kind
+        weights = self.kind_weights
+        horizon = self.horizon_s
+        scored = []
+        for i, k in enumerate(self._keys):
+            if k in protected or pinned(k):
+                continue
+            # Inlined utility(): P(reuse) x reload cost x kind weight / bytes.
+            r = rate(k, t)
+            p = 1.0 - math.exp(-r * horizon) if r > 0 and horizon > 0 else 0.0
+            scored.append((p * reload_cost(k) * weights.get(kind(k), 1.0) / max(1, sizes[k]), i, k))
+        scored.sort()
+        return _take((k for _, _, k in scored), need_bytes, sizes, ())
 
 
 class BoundedCache(Generic[K]):

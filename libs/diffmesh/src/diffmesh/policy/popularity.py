@@ -51,7 +51,16 @@ class DecayedCounter(Generic[K]):
 
     ``add`` and ``count`` are O(1); ``ranked`` sorts the live keys. Times must not go
     backwards for one key (an earlier time is treated as the key's last update time).
+
+    Values are stored scaled by ``exp(lambda x (t_update - t_ref))`` against one reference
+    time, so a request adds ``amount x growth(t)`` and no per-key decay is computed on
+    writes; ``growth(t)`` is cached per time (callers pass the same ``t`` for every key
+    of one event) and the reference moves forward (rescaling all values) before the
+    factor could overflow. This is an exact rewrite of the per-key decay, not an
+    approximation.
     """
+
+    _REBASE_EXPONENT = 300.0
 
     def __init__(self, half_life_s: float) -> None:
         if half_life_s <= 0:
@@ -59,7 +68,12 @@ class DecayedCounter(Generic[K]):
         self.half_life_s = float(half_life_s)
         self._lambda = LN2 / self.half_life_s
         self._value: dict[K, float] = {}
+        """Scaled values: decayed count at ``_stamp[k]`` x ``growth(_stamp[k])``."""
         self._stamp: dict[K, float] = {}
+        self._ref = 0.0
+        self._ref_set = False
+        self._cached_t = math.nan
+        self._cached_g = 1.0
 
     def __len__(self) -> int:
         return len(self._value)
@@ -67,25 +81,54 @@ class DecayedCounter(Generic[K]):
     def __contains__(self, key: object) -> bool:
         return key in self._value
 
+    def _growth(self, t: float) -> float:
+        if t == self._cached_t:
+            return self._cached_g
+        if not self._ref_set:
+            self._ref, self._ref_set = t, True
+        x = self._lambda * (t - self._ref)
+        if x > self._REBASE_EXPONENT:
+            shrink = math.exp(-x)
+            for k in self._value:
+                self._value[k] *= shrink
+            self._ref, x = t, 0.0
+        g = math.exp(x)
+        self._cached_t, self._cached_g = t, g
+        return g
+
     def add(self, key: K, t: float, amount: float = 1.0) -> float:
         """Record ``amount`` requests for ``key`` at time ``t``; returns the new decayed count."""
-        old = self._value.get(key)
-        if old is None:
-            value = amount
-        else:
-            dt = t - self._stamp[key]
-            value = (old * math.exp(-self._lambda * dt) if dt > 0 else old) + amount
+        stamp = self._stamp.get(key)
+        if stamp is not None and t < stamp:
+            t = stamp
+        g = self._cached_g if t == self._cached_t else self._growth(t)
+        value = self._value.get(key, 0.0) + amount * g
         self._value[key] = value
-        self._stamp[key] = max(t, self._stamp.get(key, t))
-        return value
+        self._stamp[key] = t
+        return value / g
+
+    def add_many(self, keys: Iterable[K], t: float, amount: float = 1.0) -> None:
+        """:meth:`add` for several keys at one time (one growth factor for all)."""
+        value, stamp = self._value, self._stamp
+        g = self._growth(t)
+        inc = amount * g
+        for key in keys:
+            s = stamp.get(key)
+            if s is not None and t < s:
+                self.add(key, t, amount)
+                continue
+            value[key] = value.get(key, 0.0) + inc
+            stamp[key] = t
 
     def count(self, key: K, t: float) -> float:
         """Decayed count of ``key`` at time ``t`` (0 for unknown keys)."""
         old = self._value.get(key)
         if old is None:
             return 0.0
-        dt = t - self._stamp[key]
-        return old * math.exp(-self._lambda * dt) if dt > 0 else old
+        stamp = self._stamp[key]
+        if t == self._cached_t and t >= stamp:
+            return old / self._cached_g
+        return old / self._growth(t if t > stamp else stamp)
 
     def rate(self, key: K, t: float) -> float:
         """Estimated request rate of ``key`` at ``t`` (requests per second)."""
@@ -93,9 +136,10 @@ class DecayedCounter(Generic[K]):
 
     def ranked(self, t: float, keys: Iterable[K] | None = None) -> list[tuple[K, float]]:
         """``(key, decayed count)`` sorted by count, highest first; ties by key order of insertion."""
-        lam = self._lambda
         items = self._value.items() if keys is None else ((k, self._value[k]) for k in keys if k in self._value)
-        scored = [(k, v * math.exp(-lam * (t - self._stamp[k])) if t > self._stamp[k] else v) for k, v in items]
+        inv = 1.0 / self._growth(t)
+        stamp = self._stamp
+        scored = [(k, v * inv if t >= stamp[k] else v / self._growth(stamp[k])) for k, v in items]
         scored.sort(key=lambda kv: -kv[1])
         return scored
 
@@ -105,7 +149,7 @@ class DecayedCounter(Generic[K]):
 
     def prune(self, t: float, min_count: float) -> int:
         """Forget keys whose decayed count fell below ``min_count``; returns how many."""
-        dead = [k for k, _ in self.ranked(t) if self.count(k, t) < min_count]
+        dead = [k for k, c in self.ranked(t) if c < min_count]
         for k in dead:
             del self._value[k]
             del self._stamp[k]

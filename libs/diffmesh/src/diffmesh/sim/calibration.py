@@ -6,7 +6,10 @@
   ``init_K + transfer_K`` is its median. A median-sized component so costs the median.
 * SSD→GPU and HOST→GPU divide the transfer part by the bandwidth ratios ``ssd_speedup``
   (NVMe vs. object-store throughput, default 8) and ``host_speedup`` (pinned PCIe copy,
-  default 40); the init part stays.
+  default 40); the init part stays. A PEER copy (another node's HOST/SSD copy over the
+  cluster network, for systems with a global view of copies) divides it by
+  ``peer_speedup`` (default 4: half the NVMe ratio, a node-to-node stream limited by the
+  peer's disk read and a shared network).
 * REMOTE loads carry per-load jitter: the empirical ratio ``sample / median`` of the
   kind's file (ratios outside [0.25, 4] dropped: those are cached switches or outliers),
   picked by a hash of (component, request), so every system sees the same draw.
@@ -53,6 +56,7 @@ class Calibration:
     ssd_speedup: float = 8.0
     host_speedup: float = 40.0
     source: str = "defaults"
+    peer_speedup: float = 4.0
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly description."""
@@ -65,6 +69,7 @@ class Calibration:
             "image_coef": round(self.image_coef, 4),
             "ssd_speedup": self.ssd_speedup,
             "host_speedup": self.host_speedup,
+            "peer_speedup": self.peer_speedup,
         }
 
 

@@ -86,13 +86,22 @@ class SystemSpec:
     bandit: bool = False
     admission: bool = False
     asymmetric: bool = False
+    peer: bool = False
+    """Copy a component from another node's HOST/SSD over the cluster network before
+    fetching it from REMOTE. Needs a global view of every node's copies (diffmesh's
+    coordinator); the baselines' routers only know their own node, so they never use it."""
+    exhaustive: bool = False
+    """ECT routing: score every worker instead of the exact branch-and-bound short-list
+    (same choices, slower; for tests)."""
     max_models: int = 3
     """Ray Serve: ``max_num_models_per_replica``."""
     max_ongoing: int = 5
     """Ray Serve: ``max_ongoing_requests`` before a replica holding the model counts as busy."""
 
 
-DIFFMESH = SystemSpec("diffmesh", "ect", "utility", bands=True, fusion=True, bandit=True, admission=True, asymmetric=True)
+DIFFMESH = SystemSpec(
+    "diffmesh", "ect", "utility", bands=True, fusion=True, bandit=True, admission=True, asymmetric=True, peer=True
+)
 
 SYSTEMS: dict[str, SystemSpec] = {
     "lru": SystemSpec("lru", "least_loaded"),
@@ -106,4 +115,5 @@ ABLATIONS: dict[str, SystemSpec] = {
     "no_bandit": replace(DIFFMESH, name="no_bandit", bandit=False),
     "no_fusion": replace(DIFFMESH, name="no_fusion", fusion=False),
     "lru_eviction": replace(DIFFMESH, name="lru_eviction", eviction="lru"),
+    "no_peer": replace(DIFFMESH, name="no_peer", peer=False),
 }

@@ -38,7 +38,6 @@ from diffmesh.trace.sizes import FAMILIES
 UNFUSED_LORA_OVERHEAD = 0.10
 """Extra denoising time per unfused LoRA (the adapter's low-rank matmuls run every step)."""
 OVERLAY_INIT_S = 0.1
-NEAR_CANDIDATES = 3
 INF = math.inf
 
 
@@ -112,6 +111,24 @@ def weighted_busy_fraction(starts: np.ndarray, ends: np.ndarray, arrivals: np.nd
     return float(per_window[idx].mean())
 
 
+def _others_load(sizes: dict[int, int], nc: list[float], needed: tuple[int, ...], asymmetric: bool) -> float:
+    """Load seconds of the non-base components of ``needed`` missing from ``sizes`` (costs ``nc``).
+
+    Asymmetric loading streams them concurrently after the base (the slowest counts);
+    otherwise they add up.
+    """
+    out = 0.0
+    for c in needed[1:]:
+        if c not in sizes:
+            x = nc[c]
+            if asymmetric:
+                if x > out:
+                    out = x
+            else:
+                out += x
+    return out
+
+
 class Prepared:
     """Everything about a workload that does not depend on the system: costs, sizes, compute."""
 
@@ -149,6 +166,12 @@ class Prepared:
         self.remote_cost = [i + x for i, x in zip(init, xfer, strict=True)]
         self.ssd_cost = [i + x / cal.ssd_speedup for i, x in zip(init, xfer, strict=True)]
         self.host_cost = [i + x / cal.host_speedup for i, x in zip(init, xfer, strict=True)]
+        self.peer_cost = [i + x / cal.peer_speedup for i, x in zip(init, xfer, strict=True)]
+        self.overlays_of_lora: dict[int, list[int]] = {}
+        """The fused overlays built from each LoRA (their build cost depends on it)."""
+        for o, pipe_i in self.overlay_pipe.items():
+            for lo in workload.pipelines[pipe_i].loras:
+                self.overlays_of_lora.setdefault(lo, []).append(o)
         self.n_components = n_c
 
         pipes = workload.pipelines
@@ -190,21 +213,14 @@ class Prepared:
 
 
 class _GpuModel:
-    """UtilityModel of one worker's GPU copies."""
+    """UtilityModel of one worker's GPU copies (lookups bound once: the scan calls them per copy)."""
 
     def __init__(self, sim: Simulator, w: int) -> None:
         self.sim = sim
         self.w = w
-        self.node = w // sim.gpn
-
-    def rate(self, key: int, t: float) -> float:
-        return self.sim.comp_pop.rate(key, t)
-
-    def reload_cost_s(self, key: int) -> float:
-        return self.sim.node_cost(self.node, key)
-
-    def kind(self, key: int) -> str:
-        return self.sim.prep.kind[key]
+        self.rate = sim.comp_pop.rate
+        self.reload_cost_s = sim.ncost[w // sim.gpn].__getitem__
+        self.kind = sim.prep.kind.__getitem__
 
     def pinned(self, key: int) -> bool:
         return key in self.sim.pinned[self.w]
@@ -214,16 +230,15 @@ class _HostModel:
     def __init__(self, sim: Simulator, n: int) -> None:
         self.sim = sim
         self.n = n
-
-    def rate(self, key: int, t: float) -> float:
-        return self.sim.comp_pop.rate(key, t)
+        self.rate = sim.comp_pop.rate
+        self.kind = sim.prep.kind.__getitem__
 
     def reload_cost_s(self, key: int) -> float:
-        p = self.sim.prep
-        return p.ssd_cost[key] if key in self.sim.ssd[self.n] else p.remote_cost[key]
-
-    def kind(self, key: int) -> str:
-        return self.sim.prep.kind[key]
+        sim = self.sim
+        p = sim.prep
+        if key in sim.ssd[self.n].sizes:
+            return p.ssd_cost[key]
+        return p.peer_cost[key] if sim.held_elsewhere(self.n, key) else p.remote_cost[key]
 
     def pinned(self, key: int) -> bool:
         return key in self.sim.node_pinned[self.n]
@@ -231,7 +246,8 @@ class _HostModel:
 
 class _SsdModel(_HostModel):
     def reload_cost_s(self, key: int) -> float:
-        return self.sim.prep.remote_cost[key]
+        p = self.sim.prep
+        return p.peer_cost[key] if self.sim.held_elsewhere(self.n, key) else p.remote_cost[key]
 
 
 class Simulator:
@@ -254,6 +270,8 @@ class Simulator:
         self.pinned: list[set[int]] = [set() for _ in range(self.W)]
         self.pinned_bytes = [0] * self.W
         self.node_pinned: list[set[int]] = [set() for _ in range(self.nodes)]
+        self.ncost: list[list[float]] = [self._initial_costs() for _ in range(self.nodes)]
+        """Per node and component: load seconds to a GPU there from the best tier (no jitter)."""
         host_b = cl.host_bytes(prep.catalog_bytes)
         ssd_b = cl.ssd_bytes(prep.catalog_bytes)
         self.host_capacity, self.ssd_capacity = host_b, ssd_b
@@ -286,11 +304,23 @@ class Simulator:
         # diffmesh plan state.
         self.band: dict[int, Band] = {}
         self.fused: set[int] = set()
+        self.needed_of: list[tuple[int, ...]] = []
+        self.compute_factor: list[float] = []
+        self._set_fused(set())
         self.replicas: dict[int, list[int]] = {}
-        self.pool_by_node: list[list[int]] = [list(range(n * self.gpn, (n + 1) * self.gpn)) for n in range(self.nodes)]
-        self.pool_flat: list[int] = list(range(self.W))
-        self.node_best = [-1] * self.nodes
+        self.node_min = [0.0] * self.nodes
+        """Per node, the earliest expected-free time of its workers (valid where not ``dirty``)."""
         self.dirty = [True] * self.nodes
+        self.peer = spec.peer
+        self.track_cost = utility or spec.routing == "ect"
+        self.track_pop = spec.bands or utility or spec.fusion
+        self.pop_keys = [
+            (*cs, prep.overlay_of[p]) if p in prep.overlay_of else cs for p, cs in enumerate(prep.comps)
+        ]
+        """Components whose popularity a request of each pipeline counts (its overlay too)."""
+        self.buckets = (
+            [time_bucket(x, self.settings.bucket_s) for x in prep.trace_time] if spec.bandit else []
+        )
         self.admission = ColdAdmission()
         self.bandit: BanditPrefetcher[int] = BanditPrefetcher(seed=seed)
         self.prefetched: dict[tuple[int, int], tuple[int, int]] = {}
@@ -307,6 +337,8 @@ class Simulator:
         self.waiting = 0
         self.misses = 0
         self.remote_bytes = 0
+        self.peer_fetches = 0
+        self.peer_bytes = 0
         self.ssd_bytes = 0
         self.gpu_loads = 0
         self.busy = 0.0
@@ -317,21 +349,64 @@ class Simulator:
 
     # ---- tiers -------------------------------------------------------------------------
 
+    def _initial_costs(self) -> list[float]:
+        p = self.prep
+        costs = list(p.remote_cost)
+        for o, pipe in p.overlay_pipe.items():
+            costs[o] = sum(p.remote_cost[lo] for lo in p.loras[pipe]) + p.host_cost[o]
+        return costs
+
+    def held_elsewhere(self, n: int, c: int) -> bool:
+        """Whether a node other than ``n`` holds ``c`` in HOST or SSD (and this system may copy from peers)."""
+        if not self.peer:
+            return False
+        holders = self.node_holding.get(c)
+        if not holders:
+            return False
+        return len(holders) > 1 or n not in holders
+
     def node_cost(self, n: int, c: int) -> float:
-        """Load seconds of component ``c`` to a GPU of node ``n`` from its best node tier (no jitter)."""
+        """Load seconds of component ``c`` to a GPU of node ``n`` from its best tier (no jitter).
+
+        HOST, else SSD, else a PEER copy (systems with a global view), else build the
+        fused overlay from its LoRAs, else REMOTE. The cached :attr:`ncost` holds this value.
+        """
         p = self.prep
         if c in self.host[n].sizes:
             return p.host_cost[c]
         if c in self.ssd[n].sizes:
             return p.ssd_cost[c]
+        if self.held_elsewhere(n, c):
+            return p.peer_cost[c]
         if c in p.overlay_pipe:
-            return self._overlay_build_estimate(n, c)
+            nc = self.ncost[n]
+            return sum(nc[lo] for lo in p.loras[p.overlay_pipe[c]]) + p.host_cost[c]
         return p.remote_cost[c]
 
-    def _overlay_build_estimate(self, n: int, o: int) -> float:
+    def _cost_changed(self, c: int) -> None:
+        """Refresh the cached costs of ``c`` (and of overlays built from it) on every node."""
+        if not self.track_cost:
+            return
         p = self.prep
-        pipe = p.overlay_pipe[o]
-        return sum(self.node_cost(n, lo) for lo in p.loras[pipe]) + p.host_cost[o]
+        ncost = self.ncost
+        holders = self.node_holding.get(c)
+        n_hold = len(holders) if holders else 0
+        peer_ok = self.peer and n_hold > 0
+        for n in range(self.nodes):
+            if c in self.host[n].sizes:
+                x = p.host_cost[c]
+            elif c in self.ssd[n].sizes:
+                x = p.ssd_cost[c]
+            elif peer_ok and (n_hold > 1 or n not in holders):  # type: ignore[operator]
+                x = p.peer_cost[c]
+            elif c in p.overlay_pipe:
+                x = self.node_cost(n, c)
+            else:
+                x = p.remote_cost[c]
+            ncost[n][c] = x
+        for o in p.overlays_of_lora.get(c, ()):
+            for n in range(self.nodes):
+                ncost[n][o] = self.node_cost(n, o)
 
     def _gpu_drop(self, w: int, victims: list[int] | None) -> None:
         if not victims:
@@ -365,8 +440,21 @@ class Simulator:
                 rec = self.prefetched.pop((n, v), None)
                 if rec is not None:
                     self.bandit.reward(rec[0], rec[1], False)
+            self._cost_changed(v)
         ready[c] = at
+        self._cost_changed(c)
         return True
+
+    def _peer_ready(self, n: int, c: int) -> float:
+        """Earliest time another node's copy of ``c`` is complete (``inf``: no peer holds it)."""
+        best = INF
+        for m in self.node_holding.get(c, ()):
+            if m == n:
+                continue
+            r = self.host_ready[m].get(c, 0.0) if c in self.host[m].sizes else self.ssd_ready[m].get(c, 0.0)
+            if r < best:
+                best = r
+        return best
 
     def _fetch_to_node(self, n: int, c: int, t: float, i: int, cold: bool) -> float:
         """Bring ``c`` to node ``n``'s tiers if needed; returns seconds until a GPU there can load it."""
@@ -386,6 +474,16 @@ class Simulator:
             self.ssd_bytes += nbytes
             self._admit(host, self.host_ready[n], c, t, t + cost, cold, n, True)
             return cost
+        if self.peer:
+            ready = self._peer_ready(n, c)
+            if ready < INF:
+                cost = max(p.peer_cost[c], ready - t)
+                self.peer_fetches += 1
+                self.peer_bytes += nbytes
+                if self._admit(ssd, self.ssd_ready[n], c, t, t + cost, cold, n, False):
+                    self.ssd_bytes += nbytes
+                self._admit(host, self.host_ready[n], c, t, t + cost, cold, n, True)
+                return cost
         if c in p.overlay_pipe:
             pipe = p.overlay_pipe[c]
             cost = sum(self._fetch_to_node(n, lo, t, i, cold) for lo in p.loras[pipe]) + p.host_cost[c]
@@ -402,17 +500,34 @@ class Simulator:
         return cost
 
     def _needed(self, p: int) -> tuple[int, ...]:
-        if p in self.fused:
-            fc = self.prep.fused_comps[p]
-            if fc is not None:
-                return fc
-        return self.prep.comps[p]
+        return self.needed_of[p]
+
+    def _set_fused(self, fused: set[int]) -> None:
+        """Record the fusion plan: which components each pipeline needs and its compute factor."""
+        prep = self.prep
+        self.fused = fused
+        self.needed_of = [
+            fc if (j in fused and fc is not None) else cs for j, (cs, fc) in enumerate(zip(prep.comps, prep.fused_comps, strict=True))
+        ]
+        self.compute_factor = [
+            1.0 if (not lo or j in fused) else 1.0 + UNFUSED_LORA_OVERHEAD * len(lo) for j, lo in enumerate(prep.loras)
+        ]
 
     def _load(self, w: int, p: int, t: float, i: int) -> float:
         """Make pipeline ``p`` resident on worker ``w``; returns the load seconds."""
-        n = w // self.gpn
         gpu = self.gpu[w]
-        needed = self._needed(p)
+        sizes = gpu.sizes
+        needed = self.needed_of[p]
+        on_access = gpu.policy.on_access
+        act = self.prep.act[i]
+        if all(c in sizes for c in needed):
+            # Warm: every copy is resident (the common case).
+            for c in needed:
+                on_access(c, t)
+            if act > gpu.capacity - gpu.used:
+                self._gpu_drop(w, gpu.make_room(act, t, self.pinned[w].union(needed) if self.pinned[w] else needed))
+            return 0.0
+        n = w // self.gpn
         protected: set[int] | tuple[int, ...] = needed
         if self.pinned[w]:
             protected = self.pinned[w].union(needed)
@@ -420,8 +535,8 @@ class Simulator:
         nb = self.prep.nbytes
         costs = []
         for c in needed:
-            if c in gpu.sizes:
-                gpu.access(c, t)
+            if c in sizes:
+                on_access(c, t)
                 costs.append(0.0)
                 continue
             cost = self._fetch_to_node(n, c, t, i, cold)
@@ -431,7 +546,8 @@ class Simulator:
             if evicted is not None:
                 self._gpu_drop(w, evicted)
                 self.gpu_holders.setdefault(c, set()).add(w)
-        self._gpu_drop(w, gpu.make_room(self.prep.act[i], t, protected))
+        if act > gpu.capacity - gpu.used:
+            self._gpu_drop(w, gpu.make_room(act, t, protected))
         if len(costs) == 1:
             return costs[0]
         if self.spec.asymmetric:
@@ -439,17 +555,11 @@ class Simulator:
         return sum(costs)
 
     def _est_load(self, w: int, needed: tuple[int, ...]) -> float:
+        """Expected seconds to make ``needed`` resident on worker ``w`` (base first, then the rest)."""
         sizes = self.gpu[w].sizes
-        if len(needed) == 1:
-            c = needed[0]
-            return 0.0 if c in sizes else self.node_cost(w // self.gpn, c)
-        missing = [c for c in needed if c not in sizes]
-        if not missing:
-            return 0.0
-        n = w // self.gpn
-        if needed[0] in sizes:
-            return pipeline_load_s(0.0, [self.node_cost(n, c) for c in missing], self.spec.asymmetric)
-        return pipeline_load_s(self.node_cost(n, missing[0]), [self.node_cost(n, c) for c in missing[1:]], self.spec.asymmetric)
+        nc = self.ncost[w // self.gpn]
+        base = needed[0]
+        return (0.0 if base in sizes else nc[base]) + _others_load(sizes, nc, needed, self.spec.asymmetric)
 
     # ---- routing -----------------------------------------------------------------------
 
@@ -494,77 +604,126 @@ class Simulator:
             return best
         return g
 
+    def _fits(self, w: int, needed: tuple[int, ...], need: int) -> bool:
+        """Whether weights + activations (``need`` bytes) fit beside the copies pinned on ``w`` for other pipelines."""
+        free = self.prep.gpu_bytes - self.pinned_bytes[w]
+        if need <= free:
+            return True
+        pins = self.pinned[w]
+        nb = self.prep.nbytes
+        return need <= free + sum(nb[c] for c in needed if c in pins)
+
     def _route_ect(self, i: int, p: int, t: float) -> int:
+        """The worker with the lowest expected completion time (ties: lowest id) among those that fit.
+
+        Every worker is eligible; the copies the HOT plan pins count as used memory, so
+        tail traffic cannot displace head traffic. The search is exact but skips workers
+        by lower bounds: holders of the base in order of their wait (a holder's ECT is at
+        least its wait), then per node only while ``earliest wait on the node + base load
+        from the node's best tier`` can still beat the best found (every non-holder there
+        pays at least that). :meth:`_route_ect_exhaustive` scores all workers and must
+        choose the same.
+        """
         prep = self.prep
         needed = self._needed(p)
         weights = prep.fused_weights[p] if needed is not prep.comps[p] else prep.weights[p]
-        est_free = self.est_free
-        key = est_free.__getitem__
-        near: list[int] = []
-        reps = self.replicas.get(p)
-        if reps:
-            near.extend(reps)
-        holders = self.gpu_holders.get(needed[0])
-        if holders:
-            near.extend(holders)
-        # Workers already holding the base differ mostly by their wait: the few least busy suffice.
-        cands = sorted(near, key=key)[:NEAR_CANDIDATES] if len(near) > 1 else near
-        # Else: the least busy pool worker of each node whose HOST/SSD holds the base, and overall.
+        need = weights + prep.act[i]
         base = needed[0]
-        bests = self._node_bests()
-        pool_best = -1
-        holding = self.node_holding.get(base)
-        for n in range(self.nodes):
-            w = bests[n]
-            if w < 0:
-                continue
-            if holding and n in holding:
-                cands.append(w)
-            if pool_best < 0 or est_free[w] < est_free[pool_best]:
-                pool_best = w
-        if pool_best >= 0:
-            cands.append(pool_best)
-        rows = []
-        nb = prep.nbytes
-        cap = prep.gpu_bytes
+        asym = self.spec.asymmetric
+        est_free = self.est_free
+        gpus = self.gpu
+        gpn = self.gpn
+        ncost = self.ncost
         pinned_bytes = self.pinned_bytes
-        est_load = self._est_load
-        for w in dict.fromkeys(cands):
-            free = cap
-            if pinned_bytes[w]:
-                pins = self.pinned[w]
-                free = cap - pinned_bytes[w] + sum(nb[c] for c in needed if c in pins)
-            wait = est_free[w] - t
-            rows.append((w, wait if wait > 0.0 else 0.0, est_load(w, needed), free))
-        best = choose_worker(rows, weights, prep.act[i], prep.compute[i])
-        if best is None:
-            w = min(range(self.W), key=lambda x: (self.pinned_bytes[x], est_free[x]))
-            load = self._est_load(w, needed)
-        else:
-            w = best[0]
-            load = next(r[2] for r in rows if r[0] == w)
-        service = load + self._compute(i, p)
-        est_free[w] = max(est_free[w], t) + service
+        roomy = prep.gpu_bytes - need
+        """Pinned bytes up to this leave room without looking at which copies are pinned."""
+        others = len(needed) > 1
+        best = INF
+        best_w = -1
+        holders = self.gpu_holders.get(base)
+        if holders:
+            for w in sorted(holders, key=est_free.__getitem__) if len(holders) > 1 else holders:
+                wait = est_free[w] - t
+                if wait < 0.0:
+                    wait = 0.0
+                if wait > best:
+                    break
+                if pinned_bytes[w] > roomy and not self._fits(w, needed, need):
+                    continue
+                v = wait + _others_load(gpus[w].sizes, ncost[w // gpn], needed, asym) if others else wait
+                if v < best or (v == best and w < best_w):
+                    best, best_w = v, w
+        node_min = self._node_mins()
+        for n in range(self.nodes):
+            nc = ncost[n]
+            bc = nc[base]
+            wait = node_min[n] - t
+            if (wait if wait > 0.0 else 0.0) + bc > best:
+                continue
+            for w in range(n * gpn, (n + 1) * gpn):
+                sizes = gpus[w].sizes
+                if base in sizes:
+                    continue
+                wait = est_free[w] - t
+                if wait < 0.0:
+                    wait = 0.0
+                v = wait + bc
+                if v > best:
+                    continue
+                if pinned_bytes[w] > roomy and not self._fits(w, needed, need):
+                    continue
+                if others:
+                    v += _others_load(sizes, nc, needed, asym)
+                if v < best or (v == best and w < best_w):
+                    best, best_w = v, w
+        return self._routed(i, p, t, best_w, needed)
+
+    def _route_ect_exhaustive(self, i: int, p: int, t: float) -> int:
+        """Reference for :meth:`_route_ect`: every worker scored with the policy module's functions."""
+        prep = self.prep
+        needed = self._needed(p)
+        weights = prep.fused_weights[p] if needed is not prep.comps[p] else prep.weights[p]
+        base = needed[0]
+        nb = prep.nbytes
+        rows = []
+        for w in range(self.W):
+            sizes = self.gpu[w].sizes
+            nc = self.ncost[w // self.gpn]
+            load = pipeline_load_s(
+                0.0 if base in sizes else nc[base], [nc[c] for c in needed[1:] if c not in sizes], self.spec.asymmetric
+            )
+            free = prep.gpu_bytes - self.pinned_bytes[w] + sum(nb[c] for c in needed if c in self.pinned[w])
+            rows.append((w, max(0.0, self.est_free[w] - t), load, free))
+        best = choose_worker(rows, weights, prep.act[i], self._compute(i, p))
+        return self._routed(i, p, t, -1 if best is None else best[0], needed)
+
+    def _routed(self, i: int, p: int, t: float, w: int, needed: tuple[int, ...]) -> int:
+        """Book the request on ``w`` (-1: nothing fits, take the least-pinned worker)."""
+        est_free = self.est_free
+        if w < 0:
+            # Nothing fits beside the pinned copies: the lowest ECT anywhere (the run sub-batches).
+            w = min(range(self.W), key=lambda x: (max(0.0, est_free[x] - t) + self._est_load(x, needed), x))
+        service = self._est_load(w, needed) + self._compute(i, p)
+        est_free[w] = (est_free[w] if est_free[w] > t else t) + service
         self.dirty[w // self.gpn] = True
         self.est_service[i] = service
         return w
 
-    def _node_bests(self) -> list[int]:
-        """Per node, the pool worker expected to be free first (-1: none); recomputed only for changed nodes."""
-        bests = self.node_best
-        key = self.est_free.__getitem__
-        for n, d in enumerate(self.dirty):
-            if d:
-                ws = self.pool_by_node[n]
-                bests[n] = min(ws, key=key) if ws else -1
-                self.dirty[n] = False
-        return bests
+    def _node_mins(self) -> list[float]:
+        """Per node, the earliest expected-free time of its workers; recomputed only for changed nodes."""
+        mins = self.node_min
+        dirty = self.dirty
+        est_free = self.est_free
+        gpn = self.gpn
+        for n in range(self.nodes):
+            if dirty[n]:
+                mins[n] = min(est_free[n * gpn : (n + 1) * gpn])
+                dirty[n] = False
+        return mins
 
     def _compute(self, i: int, p: int) -> float:
-        n_lora = len(self.prep.loras[p])
-        if n_lora and p not in self.fused:
-            return self.prep.compute[i] * (1.0 + UNFUSED_LORA_OVERHEAD * n_lora)
-        return self.prep.compute[i]
+        """Denoising seconds of request ``i``: unfused LoRAs add their per-step overhead."""
+        return self.prep.compute[i] * self.compute_factor[p]
 
     # ---- diffmesh plan -----------------------------------------------------------------
 
@@ -573,9 +732,11 @@ class Simulator:
         prep = self.prep
         ranked = [(k, c) for k, c in self.pipe_pop.ranked(t) if c >= st.min_count]
         if self.spec.fusion:
-            self.fused = {
+            fused = {
                 int(k) for k in plan_fusion(((str(k), c) for k, c in ranked), lambda s: bool(prep.loras[int(s)]), st.fusion_top_k)
             }
+            if fused != self.fused:
+                self._set_fused(fused)
         if not self.spec.bands:
             return
         self.band = assign_bands([k for k, _ in ranked], st.thresholds, self.hot_set)
@@ -611,9 +772,6 @@ class Simulator:
         self.pinned = pinned
         self.pinned_bytes = [sum(prep.nbytes[c] for c in s) for s in pinned]
         self.node_pinned = [set().union(*pinned[n * self.gpn : (n + 1) * self.gpn]) for n in range(self.nodes)]
-        pool = [[w for w in range(n * self.gpn, (n + 1) * self.gpn) if not pinned[w]] for n in range(self.nodes)]
-        self.pool_by_node = pool if any(pool) else [list(range(n * self.gpn, (n + 1) * self.gpn)) for n in range(self.nodes)]
-        self.pool_flat = [w for ws in self.pool_by_node for w in ws]
         self.dirty = [True] * self.nodes
         for w in range(self.W):
             if pinned[w] and not self.running[w]:
@@ -696,22 +854,18 @@ class Simulator:
         prep = self.prep
         p = prep.req_pipe[i]
         self.qlen[i] = self.waiting
-        if self.spec.bands or self.spec.eviction == "utility" or self.spec.fusion:
+        if self.track_pop:
             self.pipe_pop.add(p, t)
             self.pipe_work.add(p, t, prep.compute[i])
-            for c in prep.comps[p]:
-                self.comp_pop.add(c, t)
-            ov = prep.overlay_of.get(p)
-            if ov is not None:
-                self.comp_pop.add(ov, t)
-        if self.spec.bandit:
-            b = time_bucket(prep.trace_time[i], self.settings.bucket_s)
+            self.comp_pop.add_many(self.pop_keys[p], t)
+        if self.buckets:
+            b = self.buckets[i]
             if b != self.bucket:
                 self.bucket = b
                 self._prefetch(b, t, i)
         routing = self.spec.routing
         if routing == "ect":
-            w = self._route_ect(i, p, t)
+            w = self._route_ect_exhaustive(i, p, t) if self.spec.exhaustive else self._route_ect(i, p, t)
         elif routing == "rayserve":
             w = self._route_rayserve(p)
             self._rayserve_touch(w, p)

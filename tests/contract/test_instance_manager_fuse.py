@@ -1,0 +1,189 @@
+"""Fuse: LoRAs merged into a base as a FUSED overlay component in the SSD and HOST tiers,
+registered with the real coordinator; the demo models' real diffusers files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from diffmesh.pipeline_key import canonical_key
+from diffmesh.server import ServerThread
+from diffmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, instance_manager_pb2
+from diffmesh_coordinator.app import CoordinatorApp
+from diffmesh_coordinator.settings import CoordinatorSettings
+from diffmesh_instance_manager.fusion import META_BASE, META_LORAS, fuse
+from diffmesh_instance_manager.pool import list_pools
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tests.contract.test_instance_manager import Im, Mesh, _error, _start_im, _state, _stats
+
+MIB = 1024 * 1024
+BASE_ID = "sd15-tiny-a"
+LORAS = [("lora-ink", 0.8), ("lora-pastel", -0.5)]
+
+
+@pytest.fixture(scope="module")
+def demo_mesh(redis_url: str, demo_models: Path) -> Iterator[Mesh]:
+    coordinator = ServerThread(
+        CoordinatorApp(
+            CoordinatorSettings(
+                redis_url=redis_url, namespace=f"imf{uuid.uuid4().hex[:8]}:", catalog=str(demo_models / "catalog.json")
+            )
+        )
+    )
+    channel = grpc.insecure_channel(coordinator.address)
+    yield Mesh(coordinator, coordinator_pb2_grpc.CacheCoordinatorServiceStub(channel), demo_models, demo_models, {})
+    channel.close()
+    coordinator.stop()
+
+
+@pytest.fixture(scope="module")
+def im(demo_mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Im]:
+    running, channel = _start_im(demo_mesh, tmp_path_factory.mktemp("im-fuse-ssd"), host_capacity_bytes=64 * MIB)
+    yield running
+    channel.close()
+    running.thread.stop()
+    assert list_pools(running.node_id) == []
+
+
+def _fuse(im: Im, loras: list[tuple[str, float]] = LORAS, **kw: str) -> instance_manager_pb2.FuseResponse:
+    req = instance_manager_pb2.FuseRequest(
+        base_id=kw.pop("base_id", BASE_ID), loras=[common_pb2.LoraRef(id=i, scale=s) for i, s in loras], **kw
+    )
+    return im.stub.Fuse(req, timeout=120)
+
+
+def _artifact(demo_mesh: Mesh, cid: str) -> Path:
+    rec = demo_mesh.stub.GetComponent(coordinator_pb2.GetComponentRequest(id=cid)).component
+    return Path(rec.uri.removeprefix("file://"))
+
+
+def test_fuse_stores_an_overlay_of_exactly_the_merged_tensors(im: Im, demo_mesh: Mesh) -> None:
+    resp = _fuse(im, holder="worker-f")
+    rec, handle = resp.component, resp.handle
+    expected_id = "fused-" + hashlib.sha256(canonical_key(BASE_ID, LORAS).encode()).hexdigest()[:20]
+    assert rec.id == expected_id and handle.component_id == expected_id
+    assert rec.kind == common_pb2.COMPONENT_KIND_FUSED and rec.base_id == BASE_ID and rec.family == "sd15"
+    assert handle.kind == common_pb2.COMPONENT_KIND_FUSED and handle.base_id == BASE_ID
+    assert resp.created and resp.lease_id
+    assert json.loads(rec.labels["diffmesh.loras"]) == [{"id": i, "scale": s} for i, s in LORAS]
+
+    # The overlay equals fuse() over the artifacts' files, and holds only the touched tensors.
+    base_dir = _artifact(demo_mesh, BASE_ID)
+    base = load_file(str(base_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    inputs = []
+    for lid, scale in LORAS:
+        path = _artifact(demo_mesh, lid)
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        inputs.append((load_file(str(path)), meta, scale))
+    expected = fuse(base, inputs)
+    (shm_file,) = handle.files
+    assert dict(shm_file.metadata)[META_BASE] == BASE_ID
+    assert [(d["id"], d["scale"]) for d in json.loads(dict(shm_file.metadata)[META_LORAS])] == [
+        (i, pytest.approx(s)) for i, s in LORAS
+    ]
+    assert {t.name for t in shm_file.tensors} == set(expected)
+    assert 0 < len(expected) < len(base)
+    blob = Path("/dev/shm", shm_file.segment).read_bytes()
+    for t in shm_file.tensors:
+        got = np.frombuffer(blob[t.offset : t.offset + t.length], dtype=np.float32).reshape(tuple(t.shape))
+        assert torch.equal(torch.from_numpy(got.copy()), expected[t.name]), t.name
+        assert not torch.equal(expected[t.name], base[t.name])
+
+    # Registered with the coordinator, resident in SSD and HOST, leased to the holder.
+    stored = demo_mesh.stub.GetComponent(coordinator_pb2.GetComponentRequest(id=rec.id)).component
+    assert stored.kind == common_pb2.COMPONENT_KIND_FUSED and stored.sha256 == rec.sha256
+    state = _state(_stats(im), rec.id)
+    assert state is not None and state.tier == common_pb2.TIER_HOST and state.leases == 1
+    assert im.thread.call(im.app.reporter.flush())  # type: ignore[union-attr]
+    loc = demo_mesh.stub.Locate(coordinator_pb2.LocateRequest(component_ids=[rec.id])).locations[0]
+    assert {r.tier for r in loc.residencies if r.node_id == im.node_id} == {common_pb2.TIER_SSD, common_pb2.TIER_HOST}
+
+    # Asking again reuses the overlay; Acquire serves it like any component.
+    again = _fuse(im)
+    assert not again.created and not again.lease_id
+    assert (again.handle.files[0].segment, again.handle.files[0].offset) == (shm_file.segment, shm_file.offset)
+    acq = im.stub.Acquire(instance_manager_pb2.AcquireRequest(component_ids=[rec.id], holder="w2"))
+    assert acq.handles[0].source_tier == common_pb2.TIER_HOST
+    for lease in (resp.lease_id, acq.lease_id):
+        im.stub.Release(instance_manager_pb2.ReleaseRequest(lease_id=lease))
+
+
+@pytest.mark.parametrize(
+    ("kw", "loras", "code", "needle"),
+    [
+        ({"base_id": "lora-ink"}, [("lora-pastel", 1.0)], grpc.StatusCode.INVALID_ARGUMENT, "not a BASE"),
+        ({}, [("sd15-tiny-b", 1.0)], grpc.StatusCode.INVALID_ARGUMENT, "not a LORA"),
+        ({}, [("lora-ink", math.nan)], grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+        ({}, [("lora-ink", 5.0)], grpc.StatusCode.INVALID_ARGUMENT, "finite within"),
+        ({}, [("lora-ink", 1.0), ("lora-ink", 0.5)], grpc.StatusCode.INVALID_ARGUMENT, "twice"),
+        ({}, [], grpc.StatusCode.INVALID_ARGUMENT, "LoRAs are required"),
+        ({}, [("no-such-lora", 1.0)], grpc.StatusCode.NOT_FOUND, "no-such-lora"),
+        ({"fused_id": "lora-neon"}, [("lora-ink", 1.0)], grpc.StatusCode.INVALID_ARGUMENT, "another catalog component"),
+        ({"fused_id": "bad id|x"}, [("lora-ink", 1.0)], grpc.StatusCode.INVALID_ARGUMENT, "fused_id"),
+    ],
+)
+def test_bad_fuse_requests_are_refused_and_the_service_keeps_serving(
+    im: Im, kw: dict[str, str], loras: list[tuple[str, float]], code: grpc.StatusCode, needle: str
+) -> None:
+    err = _error(lambda: _fuse(im, loras, **kw))
+    assert err.code() == code, err.details()
+    assert needle in (err.details() or "")
+    assert all(c.leases == 0 or c.component_id.startswith("fused-") for c in _stats(im).components)
+    assert _fuse(im, [("lora-sketch", 0.3)]).component.kind == common_pb2.COMPONENT_KIND_FUSED
+
+
+def test_fuse_without_a_coordinator_fails_precondition(tmp_path: Path) -> None:
+    lone, channel = _start_im(None, tmp_path / "ssd")
+    try:
+        err = _error(lambda: _fuse(lone))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        channel.close()
+        lone.thread.stop()
+
+
+def test_worker_runs_the_overlay_without_touching_the_base(im: Im, demo_mesh: Mesh) -> None:
+    from diffmesh_worker.assemble import DevicePlacement, build_base
+    from diffmesh_worker.overlay import fused_unet
+    from diffmesh_worker.shm_mapping import SegmentMapper
+
+    fused = _fuse(im, [("lora-neon", 0.7)], holder="worker-o")
+    acq = im.stub.Acquire(instance_manager_pb2.AcquireRequest(component_ids=[BASE_ID], holder="worker-o"))
+    mapper = SegmentMapper()
+    placement = DevicePlacement.for_device("cpu")
+    base = build_base(mapper, acq.handles[0], placement)
+    before = {n: p.detach().clone() for n, p in base.unet.named_parameters()}
+    unet = fused_unet(mapper, base, fused.handle, placement)
+
+    path = _artifact(demo_mesh, "lora-neon")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    base_sd = {n: p.detach() for n, p in base.unet.named_parameters()}
+    expected = fuse(base_sd, [(load_file(str(path)), meta, 0.7)])
+    shared = 0
+    for name, param in unet.named_parameters():
+        if name in expected:
+            assert torch.equal(param, expected[name]), name
+            assert param.data_ptr() != base_sd[name].data_ptr()
+        else:
+            assert param.data_ptr() == base_sd[name].data_ptr(), name  # the base's tensor, not a copy
+            shared += 1
+    assert shared > 0 and expected
+    for name, param in base.unet.named_parameters():
+        assert torch.equal(param, before[name]), f"the base UNet changed: {name}"
+    with pytest.raises(Exception, match="not a FUSED"):
+        fused_unet(mapper, base, acq.handles[0], placement)
+    mapper.forget_all()
+    for lease in (fused.lease_id, acq.lease_id):
+        im.stub.Release(instance_manager_pb2.ReleaseRequest(lease_id=lease))

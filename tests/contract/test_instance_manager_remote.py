@@ -1,0 +1,243 @@
+"""REMOTE over HTTP: a real HTTP server on loopback (Range requests, directory index pages,
+a connection cut mid-body, a redirect) feeding a real instance manager."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import re
+import shutil
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from diffmesh.v1 import common_pb2, instance_manager_pb2
+
+from tests.contract.test_instance_manager import (
+    BASE,
+    LORA,
+    Im,
+    Mesh,
+    _acquire,
+    _assert_tensors_match,
+    _base,
+    _error,
+    _lora,
+    _register,
+    _start_im,
+    _state,
+    _stats,
+    _tier,
+    mesh,  # noqa: F401 - the module-scoped fixture
+)
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Static files with single-range ``Range`` support. Paths under ``/models/cut/`` always
+    close the connection halfway through the body; under ``/models/flaky/`` only the first
+    time; ``/models/moved.safetensors`` redirects."""
+
+    counts: Counter[str]
+    cut_once: set[str]
+    lock: threading.Lock
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        with self.lock:
+            self.counts[self.path] += 1
+        if self.path == "/models/moved.safetensors":
+            self.send_response(302)
+            self.send_header("Location", "/models/lora-h.safetensors")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        path = self.translate_path(self.path)
+        if os.path.isdir(path):
+            super().do_GET()
+            return
+        if not os.path.isfile(path):
+            self.send_error(404)
+            return
+        size = os.path.getsize(path)
+        start, end = 0, size - 1
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if m:
+            start = int(m.group(1))
+            end = min(size - 1, int(m.group(2))) if m.group(2) else size - 1
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        with open(path, "rb") as f:
+            f.seek(start)
+            body = f.read(end - start + 1)
+        cut = self.path.startswith("/models/cut/")
+        if self.path.startswith("/models/flaky/"):
+            with self.lock:
+                cut = self.path not in self.cut_once
+                self.cut_once.add(self.path)
+        if cut:
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        if self.path == "/models/moved.safetensors":
+            self.send_response(302)
+            self.send_header("Location", "/models/lora-h.safetensors")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_HEAD()
+
+
+@dataclass
+class Web:
+    """The HTTP server, its document root and request counts per path."""
+
+    url: str
+    root: Path
+    counts: Counter[str]
+
+
+@pytest.fixture(scope="module")
+def web(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:  # noqa: F811
+    root = tmp_path_factory.mktemp("web")
+    models = root / "models"
+    for sub in ("cut", "flaky"):
+        (models / sub).mkdir(parents=True)
+    (root / "private").mkdir()
+    _lora(models / "lora-h.safetensors", 40)
+    _lora(models / "lora-many.safetensors", 41)
+    _lora(models / "cut" / "lora-cut.safetensors", 42, rows=4096)
+    _lora(models / "flaky" / "lora-flaky.safetensors", 43, rows=4096)
+    _lora(root / "private" / "lora-p.safetensors", 44)
+    _base(models / "base-h", 45)
+    (models / "base-h" / "README.md").unlink()
+    counts: Counter[str] = Counter()
+    handler = type("Handler", (_Handler,), {"counts": counts, "cut_once": set(), "lock": threading.Lock()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+
+    def add(cid: str, kind: int, rel: str, uri: str | None = None) -> None:
+        _register(mesh.stub, cid, kind, uri or f"{url}/{rel}", root / rel)
+
+    add("http-lora", LORA, "models/lora-h.safetensors")
+    add("http-many", LORA, "models/lora-many.safetensors")
+    add("http-cut", LORA, "models/cut/lora-cut.safetensors")
+    add("http-flaky", LORA, "models/flaky/lora-flaky.safetensors")
+    add("http-private", LORA, "private/lora-p.safetensors")
+    add("http-dotdot", LORA, "private/lora-p.safetensors", uri=f"{url}/models/../private/lora-p.safetensors")
+    add("http-moved", LORA, "models/lora-h.safetensors", uri=f"{url}/models/moved.safetensors")
+    add("http-base", BASE, "models/base-h", uri=f"{url}/models/base-h/")
+    shutil.copy(root / "models/lora-h.safetensors", root / "models/lora-badsha.safetensors")
+    _register(mesh.stub, "http-badsha", LORA, f"{url}/models/lora-badsha.safetensors", root / "private/lora-p.safetensors")
+    yield Web(url, root, counts)
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def im(mesh: Mesh, web: Web, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Im]:  # noqa: F811
+    running, channel = _start_im(
+        mesh, tmp_path_factory.mktemp("im-http-ssd"), allowed_roots=[str(mesh.root), f"{web.url}/models/"]
+    )
+    yield running
+    channel.close()
+    running.thread.stop()
+
+
+def _release(im: Im, lease_id: str) -> None:
+    im.stub.Release(instance_manager_pb2.ReleaseRequest(lease_id=lease_id))
+
+
+def _nothing_published(im: Im, cid: str) -> None:
+    ssd = im.app.settings.ssd_path()
+    assert not any(p.name.endswith(f"_{cid}") for p in (ssd / "objects").iterdir())
+    assert list((ssd / "tmp").iterdir()) == []
+    assert _state(_stats(im), cid) is None
+
+
+def test_http_file_is_fetched_with_range_requests_and_verified(im: Im, web: Web) -> None:
+    resp = _acquire(im, "http-lora")
+    handle = resp.handles[0]
+    assert handle.source_tier == common_pb2.TIER_REMOTE
+    _assert_tensors_match(handle.files[0], web.root / "models/lora-h.safetensors")
+    assert web.counts["/models/lora-h.safetensors"] == 1  # one ranged GET (the file is smaller than a range)
+    ssd = _tier(_stats(im), common_pb2.TIER_SSD)
+    assert ssd.loaded_bytes >= (web.root / "models/lora-h.safetensors").stat().st_size and ssd.load_gbps > 0
+    _release(im, resp.lease_id)
+
+
+def test_http_folder_is_walked_through_index_pages(im: Im, web: Web) -> None:
+    resp = _acquire(im, "http-base")
+    base = resp.handles[0]
+    assert [f.relpath for f in base.files] == ["unet/diffusion_pytorch_model.safetensors"]
+    _assert_tensors_match(base.files[0], web.root / "models/base-h/unet/diffusion_pytorch_model.safetensors")
+    assert {c.relpath for c in base.configs} == {"model_index.json", "unet/config.json", "tokenizer/vocab.json"}
+    _release(im, resp.lease_id)
+
+
+def test_concurrent_acquires_fetch_once(im: Im, web: Web) -> None:
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda i: _acquire(im, "http-many", holder=f"w{i}"), range(6)))
+    assert len({r.handles[0].files[0].segment for r in results}) == 1
+    assert web.counts["/models/lora-many.safetensors"] == 1
+    for r in results:
+        _release(im, r.lease_id)
+
+
+def test_a_transfer_cut_halfway_publishes_nothing_and_the_service_keeps_serving(im: Im, web: Web) -> None:
+    err = _error(lambda: _acquire(im, "http-cut"))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+    assert "nothing was published" in (err.details() or "")
+    assert web.counts["/models/cut/lora-cut.safetensors"] == 3  # each range is retried, then the fetch gives up
+    _nothing_published(im, "http-cut")
+    _release(im, _acquire(im, "http-lora").lease_id)
+
+
+def test_a_dropped_range_is_resumed(im: Im, web: Web) -> None:
+    handle = _acquire(im, "http-flaky").handles[0]
+    _assert_tensors_match(handle.files[0], web.root / "models/flaky/lora-flaky.safetensors")
+    assert web.counts["/models/flaky/lora-flaky.safetensors"] == 2
+
+
+@pytest.mark.parametrize(
+    ("cid", "code", "needle"),
+    [
+        ("http-private", grpc.StatusCode.PERMISSION_DENIED, "outside the allowed roots"),
+        ("http-dotdot", grpc.StatusCode.INVALID_ARGUMENT, "'..'"),
+        ("http-moved", grpc.StatusCode.PERMISSION_DENIED, "redirects are not followed"),
+        ("http-badsha", grpc.StatusCode.DATA_LOSS, "sha256 mismatch"),
+    ],
+)
+def test_bad_http_sources_are_refused(im: Im, web: Web, cid: str, code: grpc.StatusCode, needle: str) -> None:
+    err = _error(lambda: _acquire(im, cid))
+    assert err.code() == code, err.details()
+    assert needle in (err.details() or "")
+    _nothing_published(im, cid)
+    assert web.counts["/private/lora-p.safetensors"] == 0
+    _release(im, _acquire(im, "http-lora").lease_id)
+
+
+def test_s3_stays_refused() -> None:
+    from diffmesh.errors import Unimplemented
+    from diffmesh_instance_manager.remote import RemoteAccess
+
+    with pytest.raises(Unimplemented, match="s3"):
+        RemoteAccess(["s3://bucket/"]).resolve("c", "s3://bucket/lora.safetensors")

@@ -1,0 +1,211 @@
+"""Instance manager tiers: the HOST pool (size classes, utility eviction, pinning, stats),
+the bounded SSD tier, lease expiry and the remaining bad inputs — real gRPC servers, the
+real coordinator on Redis, real files and real shared memory."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import grpc
+import pytest
+from diffmesh.errors import retry_after_ms
+from diffmesh.v1 import common_pb2, coordinator_pb2, instance_manager_pb2
+from diffmesh_instance_manager.host import list_segments
+from diffmesh_instance_manager.pool import list_pools
+
+from tests.contract.test_instance_manager import (
+    LORA,
+    Im,
+    Mesh,
+    _acquire,
+    _assert_tensors_match,
+    _error,
+    _lora,
+    _register,
+    _start_im,
+    _state,
+    _stats,
+    _tier,
+    _wait_for,
+    mesh,  # noqa: F401 - the module-scoped fixture
+)
+
+MIB = 1024 * 1024
+HOST = common_pb2.TIER_HOST
+SSD = common_pb2.TIER_SSD
+
+
+def _raw(path: Path, header: Mapping[str, object], data: bytes, declared_len: int | None = None) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if declared_len is None else declared_len) + raw + data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def extra(mesh: Mesh) -> Mesh:  # noqa: F811
+    """Artifacts for this module, registered in the mesh's catalog."""
+    root = mesh.root / "tiers"
+    root.mkdir()
+
+    def add(cid: str, path: Path) -> None:
+        mesh.paths[cid] = path
+        _register(mesh.stub, cid, LORA, path.as_uri(), path)
+
+    for i in range(4):
+        add(f"pool-{i}", _lora(root / f"pool-{i}.safetensors", 100 + i))
+    f32 = {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    add("bad-headerlen", _raw(root / "bad-headerlen.safetensors", f32, b"\0" * 8, declared_len=10_000))
+    f128 = {"x": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}
+    add("bad-dtype", _raw(root / "bad-dtype.safetensors", f128, b"\0" * 16))
+    beyond = {"x": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}
+    add("bad-range", _raw(root / "bad-range.safetensors", beyond, b"\0" * 16))
+    overlap = {
+        "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+    }
+    add("bad-overlap", _raw(root / "bad-overlap.safetensors", overlap, b"\0" * 12))
+    return mesh
+
+
+def _release(im: Im, lease_id: str) -> int:
+    return im.stub.Release(instance_manager_pb2.ReleaseRequest(lease_id=lease_id)).released
+
+
+@pytest.fixture()
+def pool_im(extra: Mesh, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Im]:
+    """An instance manager whose HOST tier is a 5 MiB pool: two 2 MiB blocks (every artifact here rounds to 2 MiB)."""
+    overrides = getattr(request, "param", {})
+    im, channel = _start_im(extra, tmp_path / "ssd", host_capacity_bytes=5 * MIB, **overrides)
+    yield im
+    channel.close()
+    im.thread.stop()
+    assert list_segments(im.node_id) == [] and list_pools(im.node_id) == [], "shared memory leaked"
+
+
+def test_pool_serves_tensors_and_reports_classes_fragmentation_and_bandwidth(pool_im: Im, extra: Mesh) -> None:
+    resp = _acquire(pool_im, "pool-0")
+    handle = resp.handles[0]
+    assert handle.files[0].segment in list_pools(pool_im.node_id)
+    assert handle.files[0].offset % (2 * MIB) == 0  # blocks are 2 MiB aligned for O_DIRECT
+    _assert_tensors_match(handle.files[0], extra.paths["pool-0"])
+    stats = _stats(pool_im)
+    assert [(c.block_size, c.blocks, c.used) for c in stats.pool_classes] == [(2 * MIB, 2, 1)]
+    wasted = stats.pool_classes[0].wasted_bytes
+    assert 0 < wasted < 2 * MIB
+    assert stats.fragmentation == pytest.approx(wasted / (2 * MIB))
+    assert stats.pool_pinned is False  # no CUDA here
+    host, ssd = _tier(stats, HOST), _tier(stats, SSD)
+    assert host.capacity_bytes == 4 * MIB and host.components == 1 and host.misses == 1
+    assert host.load_gbps > 0 and ssd.load_gbps > 0
+    size = extra.paths["pool-0"].stat().st_size
+    assert host.loaded_bytes >= size
+    assert host.direct_bytes in (0, size)  # O_DIRECT, or the buffered fallback where the filesystem refuses it
+    assert _release(pool_im, resp.lease_id) == 1
+
+
+def test_full_pool_evicts_by_utility_not_recency(pool_im: Im) -> None:
+    # pool-0 is asked for three times, pool-1 once and later: LRU would evict pool-0.
+    for _ in range(3):
+        _release(pool_im, _acquire(pool_im, "pool-0").lease_id)
+    _release(pool_im, _acquire(pool_im, "pool-1").lease_id)
+    third = _acquire(pool_im, "pool-2")
+    stats = _stats(pool_im)
+    assert _state(stats, "pool-0").tier == HOST  # type: ignore[union-attr]
+    assert _state(stats, "pool-1").tier == SSD  # type: ignore[union-attr]
+    assert _tier(stats, HOST).evicted_bytes > 0
+    assert _acquire(pool_im, "pool-0").handles[0].source_tier == HOST
+    _release(pool_im, third.lease_id)
+
+
+@pytest.mark.parametrize("pool_im", [{"pinned_components": ["pool-0", "pool-1"]}], indirect=True)
+def test_pinned_and_leased_blocks_are_never_evicted(pool_im: Im) -> None:
+    _release(pool_im, _acquire(pool_im, "pool-0").lease_id)  # unleased but pinned by the hot plan
+    leased = _acquire(pool_im, "pool-2")  # the other block, leased
+    err = _error(lambda: _acquire(pool_im, "pool-3"))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+    assert retry_after_ms(err) == 2000
+    assert "leased, pinned" in (err.details() or "")
+    stats = _stats(pool_im)
+    assert _state(stats, "pool-0").tier == HOST and _state(stats, "pool-2").tier == HOST  # type: ignore[union-attr]
+    # Still serving; once the lease ends its block is reused, the pinned copy stays.
+    assert _release(pool_im, leased.lease_id) == 1
+    assert _acquire(pool_im, "pool-3").handles[0].source_tier == SSD
+    assert _state(_stats(pool_im), "pool-0").tier == HOST  # type: ignore[union-attr]
+
+
+def test_artifact_larger_than_the_ssd_tier_is_refused_and_nothing_is_published(extra: Mesh, tmp_path: Path) -> None:
+    one = extra.paths["big-1"].stat().st_size
+    im, channel = _start_im(extra, tmp_path / "ssd", ssd_capacity_bytes=one // 2)
+    try:
+        err = _error(lambda: _acquire(im, "big-1"))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+        assert retry_after_ms(err) == 2000 and "SSD" in (err.details() or "")
+        ssd = im.app.settings.ssd_path()
+        assert list((ssd / "objects").iterdir()) == [] and list((ssd / "tmp").iterdir()) == []
+        assert _state(_stats(im), "big-1") is None
+        _release(im, _acquire(im, "lora-a").lease_id)  # still serving
+    finally:
+        channel.close()
+        im.thread.stop()
+
+
+def test_pinned_ssd_copies_are_not_evicted(extra: Mesh, tmp_path: Path) -> None:
+    one = extra.paths["big-1"].stat().st_size
+    im, channel = _start_im(extra, tmp_path / "ssd", ssd_capacity_bytes=one + one // 2, pinned_components=["big-1"])
+    try:
+        _release(im, _acquire(im, "big-1").lease_id)
+        err = _error(lambda: _acquire(im, "big-2"))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+        assert "pinned" in (err.details() or "")
+        ssd = im.app.settings.ssd_path()
+        assert [p.name.split("_", 1)[1] for p in (ssd / "objects").iterdir()] == ["big-1"]
+        assert list((ssd / "tmp").iterdir()) == []
+        # Unpinning (the hot plan changed) lets the utility policy evict it.
+        im.app.store.set_pinned([])
+        _assert_tensors_match(_acquire(im, "big-2").handles[0].files[0], extra.paths["big-2"])
+        assert _state(_stats(im), "big-1").tier == HOST  # type: ignore[union-attr]
+    finally:
+        channel.close()
+        im.thread.stop()
+
+
+def test_leases_of_silent_holders_expire_and_live_workers_keep_theirs(extra: Mesh, tmp_path: Path) -> None:
+    im, channel = _start_im(extra, tmp_path / "ssd", lease_ttl_seconds=0.6)
+    try:
+        assert im.thread.call(im.app.reporter.flush())  # type: ignore[union-attr]
+        worker = coordinator_pb2.WorkerInfo(worker_id="live-worker", node_id=im.node_id, address="127.0.0.1:1", device="cpu")
+        extra.stub.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(worker=worker))
+        ghost = _acquire(im, "lora-a", holder="ghost-worker")
+        assert ghost.lease_ttl_seconds == pytest.approx(0.6)
+        live = _acquire(im, "lora-b", holder="live-worker")
+        _wait_for(lambda: _state(_stats(im), "lora-a").leases == 0, "the ghost's lease to expire")  # type: ignore[union-attr]
+        assert _error(lambda: _release(im, ghost.lease_id)).code() == grpc.StatusCode.NOT_FOUND
+        time.sleep(1.5)  # well past the TTL: the live worker's lease is renewed by its coordinator lease
+        assert _state(_stats(im), "lora-b").leases == 1  # type: ignore[union-attr]
+        assert _release(im, live.lease_id) == 1
+    finally:
+        channel.close()
+        im.thread.stop()
+
+
+@pytest.mark.parametrize(
+    ("cid", "needle"),
+    [
+        ("bad-headerlen", "header too long"),
+        ("bad-dtype", "unknown dtype"),
+        ("bad-range", "offsets out of range"),
+        ("bad-overlap", "overlapping offsets"),
+    ],
+)
+def test_corrupt_safetensors_are_refused_and_the_service_keeps_serving(pool_im: Im, cid: str, needle: str) -> None:
+    err = _error(lambda: _acquire(pool_im, cid))
+    assert err.code() == grpc.StatusCode.DATA_LOSS, err.details()
+    assert needle in (err.details() or "")
+    stats = _stats(pool_im)
+    assert _state(stats, cid) is None or _state(stats, cid).tier == SSD  # type: ignore[union-attr]
+    assert all(c.used == 0 for c in stats.pool_classes)  # no block was kept
+    _release(pool_im, _acquire(pool_im, "pool-0").lease_id)
