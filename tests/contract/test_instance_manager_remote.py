@@ -127,6 +127,8 @@ def web(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]: 
     _lora(root / "private" / "lora-p.safetensors", 44)
     _base(models / "base-h", 45)
     (models / "base-h" / "README.md").unlink()
+    _base(models / "base-pickle", 46)
+    (models / "base-pickle" / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
     counts: Counter[str] = Counter()
     handler = type("Handler", (_Handler,), {"counts": counts, "cut_once": set(), "lock": threading.Lock()})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
@@ -145,6 +147,7 @@ def web(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]: 
     add("http-dotdot", LORA, "private/lora-p.safetensors", uri=f"{url}/models/../private/lora-p.safetensors")
     add("http-moved", LORA, "models/lora-h.safetensors", uri=f"{url}/models/moved.safetensors")
     add("http-base", BASE, "models/base-h", uri=f"{url}/models/base-h/")
+    add("http-pickle", BASE, "models/base-pickle", uri=f"{url}/models/base-pickle/")
     shutil.copy(root / "models/lora-h.safetensors", root / "models/lora-badsha.safetensors")
     _register(mesh.stub, "http-badsha", LORA, f"{url}/models/lora-badsha.safetensors", root / "private/lora-p.safetensors")
     yield Web(url, root, counts)
@@ -224,6 +227,7 @@ def test_a_dropped_range_is_resumed(im: Im, web: Web) -> None:
         ("http-dotdot", grpc.StatusCode.INVALID_ARGUMENT, "'..'"),
         ("http-moved", grpc.StatusCode.PERMISSION_DENIED, "redirects are not followed"),
         ("http-badsha", grpc.StatusCode.DATA_LOSS, "sha256 mismatch"),
+        ("http-pickle", grpc.StatusCode.INVALID_ARGUMENT, "pickle"),
     ],
 )
 def test_bad_http_sources_are_refused(im: Im, web: Web, cid: str, code: grpc.StatusCode, needle: str) -> None:

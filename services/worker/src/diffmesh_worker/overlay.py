@@ -30,9 +30,7 @@ def base_unet_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def fused_unet(
-    mapper: SegmentMapper, base: BuiltBase, fused: instance_manager_pb2.HostHandle, placement: DevicePlacement
-) -> Any:
+def fused_unet(mapper: SegmentMapper, base: BuiltBase, fused: instance_manager_pb2.HostHandle, placement: DevicePlacement) -> Any:
     """A UNet for ``fused`` (a FUSED handle of ``base``): the base's tensors with the overlay's swapped in as new tensors."""
     cid = fused.component_id
     if fused.kind != common_pb2.COMPONENT_KIND_FUSED:

@@ -90,6 +90,9 @@ class SystemSpec:
     """Copy a component from another node's HOST/SSD over the cluster network before
     fetching it from REMOTE. Needs a global view of every node's copies (diffmesh's
     coordinator); the baselines' routers only know their own node, so they never use it."""
+    steal: bool = False
+    """Late binding: a worker that falls idle takes a request queued elsewhere when loading
+    it there finishes it sooner (needs the global view of queues)."""
     exhaustive: bool = False
     """ECT routing: score every worker instead of the exact branch-and-bound short-list
     (same choices, slower; for tests)."""
@@ -100,7 +103,7 @@ class SystemSpec:
 
 
 DIFFMESH = SystemSpec(
-    "diffmesh", "ect", "utility", bands=True, fusion=True, bandit=True, admission=True, asymmetric=True, peer=True
+    "diffmesh", "ect", "utility", bands=True, fusion=True, bandit=True, admission=True, asymmetric=True, peer=True, steal=True
 )
 
 SYSTEMS: dict[str, SystemSpec] = {
@@ -116,4 +119,5 @@ ABLATIONS: dict[str, SystemSpec] = {
     "no_fusion": replace(DIFFMESH, name="no_fusion", fusion=False),
     "lru_eviction": replace(DIFFMESH, name="lru_eviction", eviction="lru"),
     "no_peer": replace(DIFFMESH, name="no_peer", peer=False),
+    "no_steal": replace(DIFFMESH, name="no_steal", steal=False),
 }

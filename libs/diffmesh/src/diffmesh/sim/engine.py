@@ -335,6 +335,11 @@ class Simulator:
         self.qlen = np.zeros(n, dtype=np.int32)
         self.est_service = [0.0] * n
         self.waiting = 0
+        self.queued: set[int] = set()
+        """Workers with a non-empty queue."""
+        self.run_end = [0.0] * self.W
+        """When each worker's running service ends."""
+        self.steals = 0
         self.misses = 0
         self.remote_bytes = 0
         self.peer_fetches = 0
@@ -799,6 +804,7 @@ class Simulator:
         self.est_free[w] = max(self.est_free[w], t + total)
         self.dirty[n] = True
         self.seq += 1
+        self.run_end[w] = t + total
         heapq.heappush(self.heap, (t + total, self.seq, w, -1))
 
     def _home_node(self, p: int) -> int:
@@ -838,6 +844,7 @@ class Simulator:
             self.dirty[w // self.gpn] = True
         self.running[w] = True
         self.seq += 1
+        self.run_end[w] = t + service
         heapq.heappush(self.heap, (t + service, self.seq, w, i))
 
     def _finish(self, t: float, w: int, i: int) -> None:
@@ -848,7 +855,58 @@ class Simulator:
         q = self.queue[w]
         if q:
             self.waiting -= 1
-            self._start(w, q.popleft(), t)
+            j = q.popleft()
+            if not q:
+                self.queued.discard(w)
+            self._start(w, j, t)
+        elif self.queued and self.spec.steal:
+            self._steal(w, t)
+
+    def _steal(self, w: int, t: float) -> None:
+        """Idle worker ``w`` takes the queued request that finishes soonest by moving (late binding).
+
+        A request queued on worker ``v`` expects to start when ``v`` has finished its
+        running request and those ahead of it; it moves to ``w`` when loading what it
+        misses on ``w`` now completes it earlier than waiting on ``v`` would (the largest
+        gain first; ties: the earlier queue position, then the lower worker id).
+        """
+        prep = self.prep
+        est_service = self.est_service
+        best_gain = 0.0
+        best: tuple[int, int] | None = None
+        for v in sorted(self.queued):
+            start = self.run_end[v]
+            for j in self.queue[v]:
+                needed = self.needed_of[prep.req_pipe[j]]
+                gain = (start - t) + self._est_load(v, needed) - self._est_load(w, needed)
+                if gain > best_gain:
+                    if not self.pinned_bytes[w] or self._fits(w, needed, self._need_bytes(j, prep.req_pipe[j])):
+                        best_gain, best = gain, (v, j)
+                start += est_service[j]
+        if best is None:
+            return
+        v, j = best
+        q = self.queue[v]
+        q.remove(j)
+        if not q:
+            self.queued.discard(v)
+        self.waiting -= 1
+        self.outstanding[v] -= 1
+        self.outstanding[w] += 1
+        self.est_free[v] -= est_service[j]
+        p = prep.req_pipe[j]
+        est_service[j] = self._est_load(w, self.needed_of[p]) + self._compute(j, p)
+        self.est_free[w] = t + est_service[j]
+        self.dirty[v // self.gpn] = True
+        self.dirty[w // self.gpn] = True
+        self.steals += 1
+        self._start(w, j, t)
+
+    def _need_bytes(self, i: int, p: int) -> int:
+        """Device bytes request ``i`` of pipeline ``p`` needs: weights + activations."""
+        prep = self.prep
+        needed = self.needed_of[p]
+        return (prep.fused_weights[p] if needed is not prep.comps[p] else prep.weights[p]) + prep.act[i]
 
     def _arrive(self, i: int, t: float) -> None:
         prep = self.prep
@@ -876,6 +934,7 @@ class Simulator:
         self.outstanding[w] += 1
         if self.running[w]:
             self.queue[w].append(i)
+            self.queued.add(w)
             self.waiting += 1
         else:
             self._start(w, i, t)
