@@ -109,8 +109,8 @@ def test_fuse_stores_an_overlay_of_exactly_the_merged_tensors(im: Im, demo_mesh:
     loc = demo_mesh.stub.Locate(coordinator_pb2.LocateRequest(component_ids=[rec.id])).locations[0]
     assert {r.tier for r in loc.residencies if r.node_id == im.node_id} == {common_pb2.TIER_SSD, common_pb2.TIER_HOST}
 
-    # Asking again reuses the overlay; Acquire serves it like any component.
-    again = _fuse(im)
+    # Asking again (in another order, scales equal to two decimals) reuses the overlay; Acquire serves it.
+    again = _fuse(im, [(i, s + 0.001) for i, s in reversed(LORAS)])
     assert not again.created and not again.lease_id
     assert (again.handle.files[0].segment, again.handle.files[0].offset) == (shm_file.segment, shm_file.offset)
     acq = im.stub.Acquire(instance_manager_pb2.AcquireRequest(component_ids=[rec.id], holder="w2"))

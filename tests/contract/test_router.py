@@ -578,7 +578,8 @@ def _router_idle(mesh: Mesh) -> bool:
 
 
 def test_client_deadline_and_cancel_reach_the_worker(live: Mesh) -> None:
-    slow = _gen_request(steps=150, width=256, height=256, num_images=4)
+    # Long enough to still be denoising when the 1 s deadline passes, short enough not to stall teardown.
+    slow = _gen_request(steps=150, width=128, height=128, num_images=2)
     with pytest.raises(grpc.RpcError) as err:
         live.stub.Generate(slow, timeout=1.0)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -618,9 +619,10 @@ def test_unreachable_worker_is_retried_on_the_next_candidate(live: Mesh, caplog:
     try:
         residencies = live.stub.GetModel(router_pb2.GetModelRequest(id=base), timeout=10).residencies
         assert "a-dead" in {r.worker_id for r in residencies}
-        # The router's worker list is reused for 0.2 s; wait until it lists the dead worker.
+        # The router's worker list is reused for 0.2 s; wait until a refresh lists the dead worker.
+        directory = live.router_app.state.directory
         _wait_for(
-            lambda: "a-dead" in {w.worker_id for w in live.router_app.state.directory._workers},
+            lambda: "a-dead" in {w.worker_id for w in live.router.call(directory.workers())},  # type: ignore[attr-defined]
             "the router to see the dead worker",
         )
         request = _gen_request()

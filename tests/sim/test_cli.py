@@ -19,6 +19,8 @@ KEYS = {
     "misses",
     "remote_bytes",
     "ssd_bytes",
+    "peer_fetches",
+    "peer_bytes",
     "gpu_busy",
     "wall_s",
 }
@@ -34,7 +36,7 @@ def test_sim_json_shape_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[s
     for name in ("lru", "rayserve", "modelmesh", "diffmesh"):
         assert set(doc["systems"][name]) == KEYS
         assert doc["systems"][name]["requests"] == 1500
-    assert set(doc["systems"]["ablations"]) == {"no_bands", "no_bandit", "no_fusion", "lru_eviction"}
+    assert set(doc["systems"]["ablations"]) == {"no_bands", "no_bandit", "no_fusion", "lru_eviction", "no_peer", "no_steal"}
     assert isinstance(doc["oracle"]["misses"], int)
     assert doc["config"]["gpus"] == 16
     assert png.stat().st_size > 0

@@ -59,3 +59,32 @@ def test_hot_keys_are_sticky_within_the_hysteresis() -> None:
     assert assign_bands(keys, sticky, previous_hot={"p3"})["p3"] is Band.WARM
     assert assign_bands(keys, sticky)["p2"] is Band.WARM
     assert assign_bands(keys, previous_hot={"p2"})["p2"] is Band.WARM  # default: no hysteresis
+
+
+def test_counts_stay_exact_across_reference_rebasing() -> None:
+    # 10,000 half-lives: the scaled representation rebases many times; counts match the
+    # closed form (a request every half-life: count -> 2).
+    c: DecayedCounter[str] = DecayedCounter(half_life_s=1.0)
+    for k in range(10_000):
+        c.add("a", float(k))
+    assert c.count("a", 9_999.0) == pytest.approx(2.0, rel=1e-9)
+    assert c.count("a", 10_001.0) == pytest.approx(0.5, rel=1e-9)
+
+
+def test_add_many_equals_add() -> None:
+    a: DecayedCounter[int] = DecayedCounter(half_life_s=5.0)
+    b: DecayedCounter[int] = DecayedCounter(half_life_s=5.0)
+    for t in (0.0, 1.0, 7.5):
+        a.add_many((1, 2), t)
+        b.add(1, t)
+        b.add(2, t)
+    assert a.count(1, 9.0) == pytest.approx(b.count(1, 9.0))
+    assert [k for k, _ in a.ranked(9.0)] == [k for k, _ in b.ranked(9.0)]
+    assert [v for _, v in a.ranked(9.0)] == pytest.approx([v for _, v in b.ranked(9.0)])
+
+
+def test_earlier_time_counts_at_the_last_update() -> None:
+    c: DecayedCounter[str] = DecayedCounter(half_life_s=10.0)
+    c.add("a", 10.0)
+    assert c.add("a", 5.0) == pytest.approx(2.0)
+    assert c.count("a", 20.0) == pytest.approx(1.0)

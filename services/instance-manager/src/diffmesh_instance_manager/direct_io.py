@@ -256,12 +256,14 @@ class DirectLoader:
         self.buffered_reads = 0
         self.direct_bytes = 0
 
-    def read_into(self, path: Path, dest: memoryview) -> None:
-        """Fills ``dest`` with the first ``len(dest)`` bytes of ``path``; ``DataLoss`` if the file is shorter."""
+    def read_into(self, path: Path, dest: memoryview, length: int | None = None) -> None:
+        """Fills ``dest`` with the first ``length`` (default ``len(dest)``) bytes of ``path``; ``DataLoss`` if the file
+        is shorter. With room in ``dest`` past ``length``, the unaligned tail is read in place too."""
         from diffmesh.errors import DataLoss
 
+        n = len(dest) if length is None else length
         try:
-            result = read_into(path, dest, chunk_size=self.chunk_size, threads=self.threads, direct=self.direct, length=len(dest))
+            result = read_into(path, dest, chunk_size=self.chunk_size, threads=self.threads, direct=self.direct, length=n)
         except TruncatedFile as exc:
             raise DataLoss(f"{path}: {exc.strerror} while loading into shared memory") from None
         with self._lock:

@@ -155,19 +155,20 @@ def _close_unlink(shm: shared_memory.SharedMemory) -> None:
 class FileLoader(Protocol):
     """Copies one SSD file into a HOST block region."""
 
-    def read_into(self, path: Path, dest: memoryview) -> None:
-        """Fills ``dest`` with the first ``len(dest)`` bytes of ``path``; DataLoss if the file is shorter."""
+    def read_into(self, path: Path, dest: memoryview, length: int | None = None) -> None:
+        """Fills ``dest[:length]`` (default: all of it) with the first ``length`` bytes of ``path``;
+        DataLoss if the file is shorter. Bytes of ``dest`` past ``length`` may be overwritten."""
         ...
 
 
 class BufferedLoader:
     """Plain ``readinto`` in large chunks (the fallback where ``O_DIRECT`` is refused)."""
 
-    def read_into(self, path: Path, dest: memoryview) -> None:
-        """Reads the whole file into ``dest``."""
+    def read_into(self, path: Path, dest: memoryview, length: int | None = None) -> None:
+        """Reads the first ``length`` bytes of the file into ``dest``."""
         with open(path, "rb", buffering=0) as f:
             pos = 0
-            total = len(dest)
+            total = len(dest) if length is None else length
             while pos < total:
                 with dest[pos : min(total, pos + READ_CHUNK)] as chunk:
                     n = f.readinto(chunk)
@@ -267,8 +268,10 @@ def materialize(plan: ComponentPlan, allocator: HostAllocator, loader: FileLoade
         view = allocator.view(block)
         try:
             for f in plan.files:
-                with view[f.offset : f.offset + f.size] as region:
-                    loader.read_into(f.path, region)
+                # The region runs to the file's 4 KiB-aligned end (padding before the next file), so an
+                # O_DIRECT loader can read the unaligned tail in place too.
+                with view[f.offset : min(len(view), _align(f.offset + f.size))] as region:
+                    loader.read_into(f.path, region, f.size)
         finally:
             view.release()
     except BaseException:

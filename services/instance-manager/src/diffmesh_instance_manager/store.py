@@ -17,6 +17,7 @@ the request fails with RESOURCE_EXHAUSTED and a retry hint.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from typing import Any
 from diffmesh.artifacts import artifact_bytes, artifact_sha256
 from diffmesh.catalog import check_id
 from diffmesh.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from diffmesh.pipeline_key import canonical_key
+from diffmesh.pipeline_key import SCALE_DECIMALS, canonical_key
 from diffmesh.telemetry import tracer
 from diffmesh.v1 import common_pb2, coordinator_pb2, instance_manager_pb2
 from grpc import StatusCode, aio
@@ -63,6 +64,8 @@ MAX_IDS = 16
 MAX_FUSE_LORAS = 8
 MAX_LORA_SCALE = 4.0
 FUSE_HOLDER = "im:fuse"
+#: Label of a FUSED record: its LoRA set, ``[{"id", "scale"}…]`` as canonical JSON.
+LORAS_LABEL = "diffmesh.loras"
 #: Bandwidths assumed for reload costs before this node has measured its own (bytes/s).
 DEFAULT_REMOTE_BPS = 0.2e9
 DEFAULT_SSD_BPS = 1.0e9
@@ -307,6 +310,9 @@ class ComponentStore:
     ) -> tuple[Record, instance_manager_pb2.HostHandle, str, bool]:
         """Merges ``loras`` into ``base_id`` as a FUSED overlay in the SSD and HOST tiers.
 
+        The LoRA set is taken in canonical pipeline-key form (sorted by id, scales rounded
+        to two decimals), so one pipeline key maps to one overlay.
+
         Returns the registered record, its HOST handle, a lease id (when ``holder`` is
         given) and whether this call computed it. Concurrent calls for one overlay compute
         it once.
@@ -325,6 +331,8 @@ class ComponentStore:
             if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
                 bound = MAX_LORA_SCALE
                 raise InvalidArgument(f"loras[{i}].scale", f"must be finite within [-{bound}, {bound}], got {scale}")
+        # The canonical pipeline key's form: sorted by id, scales to two decimals (one overlay per pipeline key).
+        loras = sorted((lid, round(scale, SCALE_DECIMALS)) for lid, scale in loras)
         if not fused_id:
             key = canonical_key(base_id, loras)
             fused_id = "fused-" + hashlib.sha256(key.encode()).hexdigest()[:20]
@@ -336,7 +344,7 @@ class ComponentStore:
         if task is None:
             task = asyncio.create_task(self._fuse_once(base_id, loras, fused_id))
             self._fusing[fused_id] = task
-            task.add_done_callback(lambda _t: self._fusing.pop(fused_id, None))
+            task.add_done_callback(functools.partial(self._fuse_done, fused_id))
         rec, created_now = await asyncio.shield(task)
         lease = self.leases.open(holder or FUSE_HOLDER, time.time())
         try:
@@ -344,16 +352,29 @@ class ComponentStore:
             t0 = time.perf_counter()
             source = await self._host_leased(rec, lease)
             handle = to_handle(self.host_entries[rec.id], source, time.perf_counter() - t0)
-        finally:
-            if not holder:
-                self.leases.close(lease.lease_id)
+        except BaseException:
+            self.leases.close(lease.lease_id)
+            raise
+        if not holder:
+            self.leases.close(lease.lease_id)
         return rec, handle, lease.lease_id if holder else "", created and created_now
+
+    def _fuse_done(self, fused_id: str, task: asyncio.Task[tuple[Record, bool]]) -> None:
+        self._fusing.pop(fused_id, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here too: every waiter may have gone away
 
     async def _fuse_once(self, base_id: str, loras: list[tuple[str, float]], fused_id: str) -> tuple[Record, bool]:
         assert self.register is not None
+        lora_label = json.dumps([{"id": lid, "scale": s} for lid, s in loras], sort_keys=True)
         existing = await self._known(fused_id)
         if existing is not None:
-            if existing.kind != common_pb2.COMPONENT_KIND_FUSED or existing.base_id != base_id:
+            same = (
+                existing.kind == common_pb2.COMPONENT_KIND_FUSED
+                and existing.base_id == base_id
+                and existing.labels.get(LORAS_LABEL) == lora_label
+            )
+            if not same:
                 raise InvalidArgument("fused_id", f"{fused_id!r} already names another catalog component")
             return existing, False
         recs = await self.records([base_id, *(lid for lid, _ in loras)])
@@ -383,7 +404,7 @@ class ComponentStore:
             sha256=digest,
             format=common_pb2.ARTIFACT_FORMAT_SAFETENSORS,
             base_id=base_id,
-            labels={"diffmesh.loras": json.dumps([{"id": lid, "scale": s} for lid, s in loras], sort_keys=True)},
+            labels={LORAS_LABEL: lora_label},
         )
         stored = await self.register(record)
         log.info("fused overlay registered", extra={"component_id": fused_id, "base_id": base_id, "bytes": size})

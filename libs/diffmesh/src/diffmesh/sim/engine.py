@@ -50,7 +50,9 @@ class SimResult:
     queue_wait_s: np.ndarray
     queue_len: np.ndarray
     misses: int
+    """Fetches from REMOTE (on demand, for a replica warm-up or by prefetch): one per (node, component) copy made."""
     remote_bytes: int
+    """Bytes of those fetches."""
     ssd_bytes: int
     gpu_loads: int
     busy_s: float
@@ -63,6 +65,10 @@ class SimResult:
     window_s: float
     """Busy fractions are averaged over windows of this many simulated seconds (one trace hour)."""
     cpu_s: float = 0.0
+    peer_fetches: int = 0
+    """Copies made from another node's HOST/SSD over the cluster network (not REMOTE: not misses)."""
+    peer_bytes: int = 0
+    steals: int = 0
 
     def busy_fraction(self) -> float:
         """GPU busy fraction (loading or denoising) per window, averaged with each window weighted by its arrivals.
@@ -87,6 +93,8 @@ class SimResult:
             "misses": int(self.misses),
             "remote_bytes": int(self.remote_bytes),
             "ssd_bytes": int(self.ssd_bytes),
+            "peer_fetches": int(self.peer_fetches),
+            "peer_bytes": int(self.peer_bytes),
             "gpu_busy": round(self.busy_fraction(), 4),
             "wall_s": round(self.wall_s, 4),
         }
@@ -310,7 +318,7 @@ class Simulator:
         self.replicas: dict[int, list[int]] = {}
         self.node_min = [0.0] * self.nodes
         """Per node, the earliest expected-free time of its workers (valid where not ``dirty``)."""
-        self.dirty = [True] * self.nodes
+        self.dirty: set[int] = set(range(self.nodes))
         self.peer = spec.peer
         self.track_cost = utility or spec.routing == "ect"
         self.track_pop = spec.bands or utility or spec.fusion
@@ -647,12 +655,16 @@ class Simulator:
         best_w = -1
         holders = self.gpu_holders.get(base)
         if holders:
-            for w in sorted(holders, key=est_free.__getitem__) if len(holders) > 1 else holders:
+            if len(holders) > 2:
+                # Seed with the least-busy holder so the bound prunes the rest early.
+                first = min(holders, key=est_free.__getitem__)
+                holders = [first, *(h for h in holders if h != first)]  # type: ignore[assignment]
+            for w in holders:
                 wait = est_free[w] - t
                 if wait < 0.0:
                     wait = 0.0
                 if wait > best:
-                    break
+                    continue
                 if pinned_bytes[w] > roomy and not self._fits(w, needed, need):
                     continue
                 v = wait + _others_load(gpus[w].sizes, ncost[w // gpn], needed, asym) if others else wait
@@ -665,7 +677,7 @@ class Simulator:
             wait = node_min[n] - t
             if (wait if wait > 0.0 else 0.0) + bc > best:
                 continue
-            for w in range(n * gpn, (n + 1) * gpn):
+            for w in range(n * gpn, n * gpn + gpn):
                 sizes = gpus[w].sizes
                 if base in sizes:
                     continue
@@ -710,7 +722,7 @@ class Simulator:
             w = min(range(self.W), key=lambda x: (max(0.0, est_free[x] - t) + self._est_load(x, needed), x))
         service = self._est_load(w, needed) + self._compute(i, p)
         est_free[w] = (est_free[w] if est_free[w] > t else t) + service
-        self.dirty[w // self.gpn] = True
+        self.dirty.add(w // self.gpn)
         self.est_service[i] = service
         return w
 
@@ -718,12 +730,12 @@ class Simulator:
         """Per node, the earliest expected-free time of its workers; recomputed only for changed nodes."""
         mins = self.node_min
         dirty = self.dirty
-        est_free = self.est_free
-        gpn = self.gpn
-        for n in range(self.nodes):
-            if dirty[n]:
-                mins[n] = min(est_free[n * gpn : (n + 1) * gpn])
-                dirty[n] = False
+        if dirty:
+            est_free = self.est_free
+            gpn = self.gpn
+            for n in dirty:
+                mins[n] = min(est_free[n * gpn : n * gpn + gpn])
+            dirty.clear()
         return mins
 
     def _compute(self, i: int, p: int) -> float:
@@ -777,7 +789,7 @@ class Simulator:
         self.pinned = pinned
         self.pinned_bytes = [sum(prep.nbytes[c] for c in s) for s in pinned]
         self.node_pinned = [set().union(*pinned[n * self.gpn : (n + 1) * self.gpn]) for n in range(self.nodes)]
-        self.dirty = [True] * self.nodes
+        self.dirty.update(range(self.nodes))
         for w in range(self.W):
             if pinned[w] and not self.running[w]:
                 self._warm_up(w, t)
@@ -802,7 +814,7 @@ class Simulator:
         self.b_end.append(t + total)
         self.running[w] = True
         self.est_free[w] = max(self.est_free[w], t + total)
-        self.dirty[n] = True
+        self.dirty.add(n)
         self.seq += 1
         self.run_end[w] = t + total
         heapq.heappush(self.heap, (t + total, self.seq, w, -1))
@@ -841,7 +853,7 @@ class Simulator:
         self.wait[i] = t - self.prep.arrival[i]
         if self.spec.routing == "ect":
             self.est_free[w] += service - self.est_service[i]
-            self.dirty[w // self.gpn] = True
+            self.dirty.add(w // self.gpn)
         self.running[w] = True
         self.seq += 1
         self.run_end[w] = t + service
@@ -878,7 +890,10 @@ class Simulator:
             start = self.run_end[v]
             for j in self.queue[v]:
                 needed = self.needed_of[prep.req_pipe[j]]
-                gain = (start - t) + self._est_load(v, needed) - self._est_load(w, needed)
+                gain = (start - t) + self._est_load(v, needed)
+                if gain > best_gain:
+                    # Loading on w costs at least 0, so only now is the (costlier) w estimate needed.
+                    gain -= self._est_load(w, needed)
                 if gain > best_gain:
                     if not self.pinned_bytes[w] or self._fits(w, needed, self._need_bytes(j, prep.req_pipe[j])):
                         best_gain, best = gain, (v, j)
@@ -897,8 +912,8 @@ class Simulator:
         p = prep.req_pipe[j]
         est_service[j] = self._est_load(w, self.needed_of[p]) + self._compute(j, p)
         self.est_free[w] = t + est_service[j]
-        self.dirty[v // self.gpn] = True
-        self.dirty[w // self.gpn] = True
+        self.dirty.add(v // self.gpn)
+        self.dirty.add(w // self.gpn)
         self.steals += 1
         self._start(w, j, t)
 
@@ -1000,4 +1015,7 @@ class Simulator:
             arrival_s=np.asarray(arrival),
             window_s=3600.0 / prep.compression,
             cpu_s=time.process_time() - cpu,
+            peer_fetches=self.peer_fetches,
+            peer_bytes=self.peer_bytes,
+            steals=self.steals,
         )

@@ -19,6 +19,7 @@ COLUMNS = (
     ("queue_p99", "q p99", "{:.0f}"),
     ("misses", "misses", "{:d}"),
     ("remote_bytes", "REMOTE GB", "{:.0f}"),
+    ("peer_bytes", "PEER GB", "{:.0f}"),
     ("ssd_bytes", "SSD GB", "{:.0f}"),
     ("gpu_busy", "busy", "{:.3f}"),
     ("wall_s", "wall s", "{:.2f}"),
