@@ -34,6 +34,7 @@ from tests.contract.test_instance_manager import (
     _state,
     _stats,
     _tier,
+    _wait_for,
     mesh,  # noqa: F401 - the module-scoped fixture
 )
 
@@ -41,11 +42,13 @@ from tests.contract.test_instance_manager import (
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Static files with single-range ``Range`` support. Paths under ``/models/cut/`` always
     close the connection halfway through the body; under ``/models/flaky/`` only the first
-    time; ``/models/moved.safetensors`` redirects."""
+    time; under ``/models/slow/`` the body waits for ``gate``; ``/models/moved.safetensors``
+    redirects."""
 
     counts: Counter[str]
     cut_once: set[str]
     lock: threading.Lock
+    gate: threading.Event
 
     def log_message(self, *args: object) -> None:
         pass
@@ -82,6 +85,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         with open(path, "rb") as f:
             f.seek(start)
             body = f.read(end - start + 1)
+        if self.path.startswith("/models/slow/"):
+            self.gate.wait(60)
         cut = self.path.startswith("/models/cut/")
         if self.path.startswith("/models/flaky/"):
             with self.lock:
@@ -111,13 +116,14 @@ class Web:
     url: str
     root: Path
     counts: Counter[str]
+    gate: threading.Event
 
 
 @pytest.fixture(scope="module")
 def web(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:  # noqa: F811
     root = tmp_path_factory.mktemp("web")
     models = root / "models"
-    for sub in ("cut", "flaky"):
+    for sub in ("cut", "flaky", "slow"):
         (models / sub).mkdir(parents=True)
     (root / "private").mkdir()
     _lora(models / "lora-h.safetensors", 40)
@@ -125,12 +131,15 @@ def web(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]: 
     _lora(models / "cut" / "lora-cut.safetensors", 42, rows=4096)
     _lora(models / "flaky" / "lora-flaky.safetensors", 43, rows=4096)
     _lora(root / "private" / "lora-p.safetensors", 44)
+    _lora(models / "slow" / "lora-slow.safetensors", 47)
     _base(models / "base-h", 45)
     (models / "base-h" / "README.md").unlink()
     _base(models / "base-pickle", 46)
     (models / "base-pickle" / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
     counts: Counter[str] = Counter()
-    handler = type("Handler", (_Handler,), {"counts": counts, "cut_once": set(), "lock": threading.Lock()})
+    gate = threading.Event()
+    gate.set()
+    handler = type("Handler", (_Handler,), {"counts": counts, "cut_once": set(), "lock": threading.Lock(), "gate": gate})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -143,6 +152,7 @@ def web(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]: 
     add("http-many", LORA, "models/lora-many.safetensors")
     add("http-cut", LORA, "models/cut/lora-cut.safetensors")
     add("http-flaky", LORA, "models/flaky/lora-flaky.safetensors")
+    add("http-slow", LORA, "models/slow/lora-slow.safetensors")
     add("http-private", LORA, "private/lora-p.safetensors")
     add("http-dotdot", LORA, "private/lora-p.safetensors", uri=f"{url}/models/../private/lora-p.safetensors")
     add("http-moved", LORA, "models/lora-h.safetensors", uri=f"{url}/models/moved.safetensors")
@@ -150,7 +160,8 @@ def web(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]: 
     add("http-pickle", BASE, "models/base-pickle", uri=f"{url}/models/base-pickle/")
     shutil.copy(root / "models/lora-h.safetensors", root / "models/lora-badsha.safetensors")
     _register(mesh.stub, "http-badsha", LORA, f"{url}/models/lora-badsha.safetensors", root / "private/lora-p.safetensors")
-    yield Web(url, root, counts)
+    yield Web(url, root, counts, gate)
+    gate.set()
     server.shutdown()
     server.server_close()
 
@@ -218,6 +229,23 @@ def test_a_dropped_range_is_resumed(im: Im, web: Web) -> None:
     handle = _acquire(im, "http-flaky").handles[0]
     _assert_tensors_match(handle.files[0], web.root / "models/flaky/lora-flaky.safetensors")
     assert web.counts["/models/flaky/lora-flaky.safetensors"] == 2
+
+
+def test_a_slow_lora_never_delays_the_base(im: Im, web: Web) -> None:
+    web.gate.clear()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(_acquire, im, "http-slow", "base-a")
+            # The base becomes HOST-resident while the LoRA's transfer is still held back.
+            _wait_for(lambda: (s := _state(_stats(im), "base-a")) is not None and s.tier == common_pb2.TIER_HOST, "the base")
+            assert not pending.done()
+            assert _state(_stats(im), "http-slow") is None
+            web.gate.set()
+            resp = pending.result(timeout=60)
+    finally:
+        web.gate.set()
+    assert [h.component_id for h in resp.handles] == ["http-slow", "base-a"]
+    _release(im, resp.lease_id)
 
 
 @pytest.mark.parametrize(

@@ -342,6 +342,8 @@ class Simulator:
         self.wait = np.zeros(n)
         self.qlen = np.zeros(n, dtype=np.int32)
         self.est_service = [0.0] * n
+        self.est_load_s = [0.0] * n
+        """The load part of ``est_service`` (what the router expected on the worker it chose)."""
         self.waiting = 0
         self.queued: set[int] = set()
         """Workers with a non-empty queue."""
@@ -655,15 +657,14 @@ class Simulator:
         best_w = -1
         holders = self.gpu_holders.get(base)
         if holders:
-            if len(holders) > 2:
-                # Seed with the least-busy holder so the bound prunes the rest early.
-                first = min(holders, key=est_free.__getitem__)
-                holders = [first, *(h for h in holders if h != first)]  # type: ignore[assignment]
-            for w in holders:
+            # The least-busy holder first: its ECT bounds the others, most of which are then
+            # dismissed on their wait alone.
+            first = min(holders, key=est_free.__getitem__)
+            for w in (first, *holders) if len(holders) > 1 else holders:
                 wait = est_free[w] - t
                 if wait < 0.0:
                     wait = 0.0
-                if wait > best:
+                if wait > best or (w == first and best_w == first):
                     continue
                 if pinned_bytes[w] > roomy and not self._fits(w, needed, need):
                     continue
@@ -720,7 +721,9 @@ class Simulator:
         if w < 0:
             # Nothing fits beside the pinned copies: the lowest ECT anywhere (the run sub-batches).
             w = min(range(self.W), key=lambda x: (max(0.0, est_free[x] - t) + self._est_load(x, needed), x))
-        service = self._est_load(w, needed) + self._compute(i, p)
+        load = self._est_load(w, needed)
+        self.est_load_s[i] = load
+        service = load + self._compute(i, p)
         est_free[w] = (est_free[w] if est_free[w] > t else t) + service
         self.dirty.add(w // self.gpn)
         self.est_service[i] = service
@@ -884,15 +887,17 @@ class Simulator:
         """
         prep = self.prep
         est_service = self.est_service
+        est_load = self.est_load_s
         best_gain = 0.0
         best: tuple[int, int] | None = None
         for v in sorted(self.queued):
             start = self.run_end[v]
             for j in self.queue[v]:
-                needed = self.needed_of[prep.req_pipe[j]]
-                gain = (start - t) + self._est_load(v, needed)
+                # Staying costs the wait plus the load the router expected on v; moving costs
+                # the load on w, at least 0, so it is only estimated when it could pay.
+                gain = (start - t) + est_load[j]
                 if gain > best_gain:
-                    # Loading on w costs at least 0, so only now is the (costlier) w estimate needed.
+                    needed = self.needed_of[prep.req_pipe[j]]
                     gain -= self._est_load(w, needed)
                 if gain > best_gain:
                     if not self.pinned_bytes[w] or self._fits(w, needed, self._need_bytes(j, prep.req_pipe[j])):
@@ -910,7 +915,8 @@ class Simulator:
         self.outstanding[w] += 1
         self.est_free[v] -= est_service[j]
         p = prep.req_pipe[j]
-        est_service[j] = self._est_load(w, self.needed_of[p]) + self._compute(j, p)
+        est_load[j] = self._est_load(w, self.needed_of[p])
+        est_service[j] = est_load[j] + self._compute(j, p)
         self.est_free[w] = t + est_service[j]
         self.dirty.add(v // self.gpn)
         self.dirty.add(w // self.gpn)

@@ -67,18 +67,32 @@ def calibrate_to_baseline(
     ``log share`` over ``log step`` converges in a few baseline runs.
     """
     target = math.log(share)
-    x0 = math.log(cal.step_s)
-    y0 = math.log(max(1e-9, baseline_denoise_share(prepare(workload, cal, cluster, load))))
-    x1 = x0 + (target - y0)  # first step: assume share proportional to step time
+
+    def error(x: float) -> float:
+        prep = prepare(workload, replace(cal, step_s=math.exp(x)), cluster, load)
+        return math.log(max(1e-9, baseline_denoise_share(prep))) - target
+
+    x = math.log(cal.step_s)
+    y = error(x)
+    lo: tuple[float, float] | None = None  # (log step, error) with error < 0
+    hi: tuple[float, float] | None = None  # ... with error > 0
     for _ in range(rounds):
-        if abs(math.exp(y0) - share) <= tolerance:
-            x1 = x0
+        if abs(math.exp(y + target) - share) <= tolerance:
             break
-        y1 = math.log(max(1e-9, baseline_denoise_share(prepare(workload, replace(cal, step_s=math.exp(x1)), cluster, load))))
-        if abs(math.exp(y1) - share) <= tolerance or y1 == y0:
-            break
-        x0, y0, x1 = x1, y1, x1 + (target - y1) * (x1 - x0) / (y1 - y0)
-    cal = replace(cal, step_s=math.exp(x1))
+        if y < 0:
+            lo = (x, y)
+        else:
+            hi = (x, y)
+        if lo is not None and hi is not None:
+            # Secant inside the bracket; bisect when it would leave it.
+            nx = lo[0] - lo[1] * (hi[0] - lo[0]) / (hi[1] - lo[1])
+            if not min(lo[0], hi[0]) < nx < max(lo[0], hi[0]):
+                nx = 0.5 * (lo[0] + hi[0])
+        else:
+            # Share roughly proportional to the step time; at most a factor 4 per round.
+            nx = x - max(-math.log(4.0), min(math.log(4.0), y))
+        x, y = nx, error(nx)
+    cal = replace(cal, step_s=math.exp(x))
     return replace(cal, source=f"{cal.source}; step_s: denoising = {share:.1%} of the lru baseline's mean end-to-end time")
 
 
