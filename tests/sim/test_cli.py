@@ -36,7 +36,15 @@ def test_sim_json_shape_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[s
     for name in ("lru", "rayserve", "modelmesh", "diffmesh"):
         assert set(doc["systems"][name]) == KEYS
         assert doc["systems"][name]["requests"] == 1500
-    assert set(doc["systems"]["ablations"]) == {"no_bands", "no_bandit", "no_fusion", "lru_eviction", "no_peer", "no_steal"}
+    assert set(doc["systems"]["ablations"]) == {
+        "no_bands",
+        "no_bandit",
+        "no_fusion",
+        "lru_eviction",
+        "no_peer",
+        "no_steal",
+        "no_scale_out",
+    }
     assert isinstance(doc["oracle"]["misses"], int)
     assert doc["config"]["gpus"] == 16
     assert png.stat().st_size > 0
@@ -52,3 +60,12 @@ def test_trace_stats_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     for key in ("gini_base", "top5pct_share", "top50_pipelines_share", "lora_share", "requests"):
         assert key in facts
     assert 0.8 < facts["gini_base"] < 0.95
+
+
+def test_sim_days_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DIFFMESH_TRACE", raising=False)
+    out = tmp_path / "sim.json"
+    assert main(["sim", "--json", str(out), "--gpus", "8", "--days", "1:2", "--requests", "400", "--no-sweep"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["systems"]["diffmesh"]["requests"] == doc["config"]["requests"] <= 400
+    assert doc["config"]["compute_share_of"] == "baseline"

@@ -106,3 +106,31 @@ def test_idle_worker_steals_a_queued_request() -> None:
     assert not sim.queue[0] and not sim.queued and sim.waiting == 0
     assert sim.running[1] and sim.outstanding == [1, 1] and sim.steals == 1
     assert sim.est_free[0] == pytest.approx(1000.0)
+
+
+def test_scale_out_warms_an_idle_gpu_from_node_tiers_or_peers_only() -> None:
+    prep = Prepared(tiny_workload([0.0, 0.1], [0, 0], [300, 30]), calibrate(None), two_nodes(), 1.0)
+    sim = Simulator(prep, DIFFMESH)
+    sim._start(0, 0, 0.0)  # request 0 fetches base 0 from REMOTE to node 0 and runs on worker 0
+    assert sim.misses == 1 and not sim.running[1]
+    sim._scale_out(1, 0, 0.1)  # request 1 of the same pipeline had to queue
+    assert sim.scale_outs == 1 and sim.running[1]
+    assert 0 in sim.gpu[1].sizes and 1 in sim.gpu_holders[0]
+    assert sim.misses == 1 and sim.peer_fetches == 1  # copied from node 0, not fetched again
+
+
+def test_scale_out_never_fetches_from_remote() -> None:
+    prep = Prepared(tiny_workload([0.0, 0.1], [0, 1], [300, 30]), calibrate(None), two_nodes(), 1.0)
+    sim = Simulator(prep, DIFFMESH)
+    sim._start(0, 0, 0.0)
+    sim._scale_out(1, 1, 0.1)  # base 1 is on no node: left to on-demand loading
+    assert sim.scale_outs == 0 and not sim.running[1] and sim.misses == 1
+
+
+def test_workload_window_rebases_arrivals() -> None:
+    w = tiny_workload([0.0, 10.0, 20.0, 30.0], [0, 1, 0, 1], [30, 30, 30, 30])
+    part = w.window(10.0, 30.0)
+    assert len(part) == 2
+    assert part.arrival_s.tolist() == [0.0, 10.0]
+    assert part.pipeline.tolist() == [1, 0]
+    assert part.start_epoch_s == w.start_epoch_s + 10.0

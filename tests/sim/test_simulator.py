@@ -71,3 +71,14 @@ def test_synthetic_gini_matches_target() -> None:
     w = synthetic_workload(500, seed=1)
     w2 = synthetic_workload(500, seed=1)
     assert np.array_equal(w.pipeline, w2.pipeline) and np.array_equal(w.arrival_s, w2.arrival_s)
+
+
+def test_compute_calibrated_to_the_baseline_share() -> None:
+    from diffmesh.sim.runner import baseline_denoise_share, calibrate_to_baseline
+
+    workload = synthetic_workload(1500, n_bases=30, n_loras=60, n_lora_pipelines=40, duration_s=86400.0, seed=11)
+    cluster = ClusterConfig.for_gpus(16)
+    cal = calibrate_to_baseline(workload, calibrate(None), cluster, load=0.3, share=0.25, tolerance=0.005)
+    share = baseline_denoise_share(prepare(workload, cal, cluster, load=0.3))
+    assert share == pytest.approx(0.25, abs=0.006)
+    assert "lru baseline" in cal.source

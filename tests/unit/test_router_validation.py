@@ -206,6 +206,24 @@ def test_catalog_kinds_and_families() -> None:
     validate_against_catalog(pipeline, records)
 
 
+def test_a_fused_overlay_stands_for_its_base_and_its_family_rules() -> None:
+    pipeline, _ = _request()
+    fused = common_pb2.Component(
+        id="fused-0123456789abcdef0123", kind=common_pb2.COMPONENT_KIND_FUSED, family="sd15", base_id="sd15-base-a", bytes=50
+    )
+    pipeline.base_id = fused.id
+    records = {**_catalog(), fused.id: fused}
+    validate_against_catalog(pipeline, records)  # runtime LoRAs and ControlNets on top of an overlay
+
+    records[fused.id].family = "sdxl"  # LoRAs and ControlNets must match the overlay's own family
+    assert _catalog_field(pipeline, records) == "pipeline.loras[0].id"
+
+    records = {**_catalog(), fused.id: fused}
+    records[fused.id].family = "sd15"
+    pipeline.loras[0].id = fused.id  # an overlay is no LoRA
+    assert _catalog_field(pipeline, records) == "pipeline.loras[0].id"
+
+
 def test_component_ids_base_first_without_duplicates() -> None:
     pipeline, _ = _request()
     pipeline.controlnets.add(id="lora-1")

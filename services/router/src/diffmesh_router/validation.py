@@ -163,7 +163,11 @@ def component_ids(pipeline: common_pb2.PipelineSpec) -> list[str]:
 
 
 def validate_against_catalog(pipeline: common_pb2.PipelineSpec, records: Mapping[str, common_pb2.Component]) -> None:
-    """Checks kinds and families against the catalog records of every component (stage two)."""
+    """Checks kinds and families against the catalog records of every component (stage two).
+
+    The base may be a BASE or a FUSED overlay (the worker runs it instead of runtime
+    adapters); LoRAs and ControlNets must be of the base's — or the overlay's — family.
+    """
     base = records[pipeline.base_id]
     if base.kind not in BASE_KINDS:
         raise InvalidArgument("pipeline.base_id", f"{base.id!r} is a {_kind_name(base.kind)}, not a base model")

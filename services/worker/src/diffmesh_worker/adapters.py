@@ -110,26 +110,31 @@ def _load(
         StableDiffusionPipeline.load_lora_into_unet(
             placed, None, base.unet, adapter_name=name, _pipeline=host, metadata=_split(metadata, "unet")
         )
-    if "text_encoder" in targets:
+    # A FUSED overlay shares its base's text encoder: the adapter may be in it already.
+    if "text_encoder" in targets and name not in getattr(base.text_encoder, "peft_config", {}):
         StableDiffusionPipeline.load_lora_into_text_encoder(
             placed, None, base.text_encoder, adapter_name=name, _pipeline=host, metadata=_split(metadata, "text_encoder")
         )
 
 
-def _delete(host: Any, name: str) -> None:
+def _delete(host: Any, name: str, text_encoder: bool = True) -> None:
     with warnings.catch_warnings():
         # peft warns when the deleted adapter was active; the next request activates its own.
         warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
-        for module in (host.unet, host.text_encoder):
+        for module in (host.unet, host.text_encoder) if text_encoder else (host.unet,):
             if name in getattr(module, "peft_config", {}):
                 module.delete_adapters(name)
 
 
-def unload_adapter(base: BuiltBase, component_id: str) -> None:
-    """Removes one LoRA's adapter from ``base`` (when the LoRA leaves the device cache)."""
+def unload_adapter(base: BuiltBase, component_id: str, text_encoder: bool = True) -> None:
+    """Removes one LoRA's adapter from ``base`` (when the LoRA leaves the device cache).
+
+    ``text_encoder=False`` keeps its text-encoder part: a FUSED overlay shares its base's
+    text encoder, so an overlay leaving alone must not take the base's adapter with it.
+    """
     name = base.adapters.pop(component_id, None)
     if name is not None:
-        _delete(base.adapter_host, name)
+        _delete(base.adapter_host, name, text_encoder)
 
 
 def activate(base: BuiltBase, loras: Sequence[tuple[str, float]]) -> None:

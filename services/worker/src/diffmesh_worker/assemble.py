@@ -90,6 +90,8 @@ class BuiltBase:
     adapter_host: Any
     # lora component id → peft adapter name, in load order (oldest first).
     adapters: dict[str, str] = field(default_factory=dict)
+    # For a FUSED overlay: the base whose VAE, text encoder and UNet tensors it shares ("" for a BASE).
+    base_id: str = ""
 
     def new_scheduler(self) -> SchedulerMixin:
         """A fresh scheduler (schedulers keep per-run state, so one per request)."""

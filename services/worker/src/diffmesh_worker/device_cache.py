@@ -4,7 +4,10 @@ Entries are keyed by component id:
 
 * BASE → :class:`~diffmesh_worker.assemble.BuiltBase` (UNet, VAE, text encoder, ...);
 * CONTROLNET → :class:`~diffmesh_worker.assemble.BuiltControlNet`;
-* LORA → :class:`LoraWeights` (the zero-copy state dict, loaded as an adapter into bases on use).
+* LORA → :class:`LoraWeights` (the zero-copy state dict, loaded as an adapter into bases on use);
+* FUSED → a :class:`~diffmesh_worker.assemble.BuiltBase` whose ``base_id`` names the BASE
+  entry it shares modules and tensors with; it only counts its overlay's bytes, and it
+  leaves the cache together with that base (never outlives the base's lease).
 
 Each entry keeps the HOST copy it was built from leased from the instance manager (one
 Acquire lease can cover several entries; it is released once none of them is cached).
@@ -119,7 +122,7 @@ class DeviceCache:
             over_count = len(self._entries) + incoming_entries > self.max_entries
             if not (over_bytes or over_count):
                 break
-            if cid in pinned:
+            if cid in pinned or cid not in self._entries:  # pinned, or gone with its base already
                 continue
             self._remove(cid, removed)
         return removed
@@ -143,6 +146,17 @@ class DeviceCache:
             for other in self._entries.values():
                 if isinstance(other.built, BuiltBase):
                     unload_adapter(other.built, cid)
+        if isinstance(entry.built, BuiltBase) and entry.built.base_id:
+            # An overlay leaving alone: drop its adapters, but not from the text encoder its base still uses.
+            base = self._entries.get(entry.built.base_id)
+            base_adapters = base.built.adapters if base is not None and isinstance(base.built, BuiltBase) else {}
+            for lora_id in list(entry.built.adapters):
+                unload_adapter(entry.built, lora_id, text_encoder=lora_id not in base_adapters)
+        if entry.kind == common_pb2.COMPONENT_KIND_BASE:
+            # Overlays share this base's tensors (and its HOST lease): they go with it.
+            for other in list(self._entries.values()):
+                if isinstance(other.built, BuiltBase) and other.built.base_id == cid and other.component_id in self._entries:
+                    self._remove(other.component_id, removed)
         removed.components.append((cid, entry.bytes))
         if entry.lease is not None:
             entry.lease.holding.discard(cid)

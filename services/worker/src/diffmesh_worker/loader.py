@@ -8,6 +8,12 @@ component gets a ``worker.load.component`` span, a ``ProgressLoading`` event and
 ``ComponentLoad`` entry. New entries join the device cache (their residency is reported),
 and least recently used ones are evicted to make room (their leases released).
 
+A FUSED overlay as ``base_id`` runs instead of runtime adapters: its handle names its base
+(``base_id``), which is acquired too (a second Acquire when the overlay was not cached)
+and built first; the overlay's UNet shares every base tensor and swaps in its own
+(:func:`~diffmesh_worker.overlay.build_fused`). Both are cached, the overlay under its own
+id, and both appear in the loads (overlay first). Runtime LoRAs may still be added on top.
+
 Loading is not interrupted when the client goes away: one Acquire lease covers all the
 components it fetched, so a half-built set could not be released cleanly, and the built
 modules are warm state for the next request anyway. Denoising is what stops.
@@ -24,12 +30,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from diffmesh.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from diffmesh.errors import FailedPrecondition, InvalidArgument
 from diffmesh.telemetry import tracer
 from diffmesh.v1 import common_pb2, instance_manager_pb2, instance_manager_pb2_grpc, worker_pb2
 from grpc import aio
 
-from diffmesh_worker import adapters
+from diffmesh_worker import adapters, overlay
 from diffmesh_worker.assemble import BuiltBase, BuiltControlNet, DevicePlacement, build_base, build_controlnet
 from diffmesh_worker.device_cache import CacheEntry, DeviceCache, Lease, LoraWeights, Removed
 from diffmesh_worker.runner import Prepared
@@ -103,8 +109,13 @@ class Loader:
         except aio.AioRpcError as exc:
             log.warning("release failed", extra={"lease_id": lease_id, "code": exc.code().name, "detail": exc.details()})
 
-    def _needs(self, job: Job) -> list[_Need]:
+    def _needs(self, job: Job, fused_base: str | None = None) -> list[_Need]:
         needs = [_Need(job.base_id, common_pb2.COMPONENT_KIND_BASE, "pipeline.base_id")]
+        if fused_base is not None:
+            needs = [
+                _Need(job.base_id, common_pb2.COMPONENT_KIND_FUSED, "pipeline.base_id"),
+                _Need(fused_base, common_pb2.COMPONENT_KIND_BASE, "pipeline.base_id"),
+            ]
         needs += [_Need(lid, common_pb2.COMPONENT_KIND_LORA, f"pipeline.loras[{i}].id") for i, (lid, _) in enumerate(job.loras)]
         needs += [
             _Need(c.id, common_pb2.COMPONENT_KIND_CONTROLNET, f"pipeline.controlnets[{i}].id")
@@ -114,36 +125,69 @@ class Loader:
 
     @staticmethod
     def _check(need: _Need, kind: int, family: str, base_family: str) -> None:
-        if kind == common_pb2.COMPONENT_KIND_FUSED and need.kind == common_pb2.COMPONENT_KIND_BASE:
-            raise Unimplemented(f"{need.field}: FUSED overlays ({need.component_id!r}) are not supported by this worker yet")
+        if (
+            need.field == "pipeline.base_id"
+            and need.kind == common_pb2.COMPONENT_KIND_BASE
+            and kind == common_pb2.COMPONENT_KIND_FUSED
+        ):
+            return  # an overlay may stand where a base does
         if kind != need.kind:
             raise InvalidArgument(
                 need.field, f"{need.component_id!r} is a {KIND_NAMES.get(kind, kind)}, expected a {KIND_NAMES[need.kind]}"
             )
-        if need.kind != common_pb2.COMPONENT_KIND_BASE and family != base_family:
+        if need.kind not in (common_pb2.COMPONENT_KIND_BASE, common_pb2.COMPONENT_KIND_FUSED) and family != base_family:
             raise InvalidArgument(need.field, f"{need.component_id!r} is family {family!r} but the base is {base_family!r}")
+
+    def _fused_base(self, cid: str, handles: dict[str, instance_manager_pb2.HostHandle]) -> str | None:
+        """The base a FUSED ``cid`` applies to (from its cache entry or handle); None when ``cid`` is no overlay."""
+        entry = self.cache.get(cid)
+        if entry is not None:
+            if isinstance(entry.built, BuiltBase) and entry.built.base_id:
+                return entry.built.base_id
+            return None
+        handle = handles.get(cid)
+        if handle is None or handle.kind != common_pb2.COMPONENT_KIND_FUSED:
+            return None
+        if not handle.base_id:
+            raise FailedPrecondition(f"overlay {cid!r} names no base")
+        return handle.base_id
+
+    async def _acquire(
+        self, ids: list[str], handles: dict[str, instance_manager_pb2.HostHandle], leases: dict[str, Lease]
+    ) -> float:
+        """One Acquire for ``ids``: adds their handles and leases; returns its seconds."""
+        started = time.perf_counter()
+        resp = await self.im.Acquire(
+            instance_manager_pb2.AcquireRequest(component_ids=ids, holder=self.worker_id), timeout=self.acquire_timeout_s
+        )
+        lease = Lease(resp.lease_id)
+        for h in resp.handles:
+            handles[h.component_id] = h
+            leases[h.component_id] = lease
+        return time.perf_counter() - started
 
     async def prepare(self, job: Job, emit: Callable[[worker_pb2.RunResponse], None]) -> Outcome:
         """Makes every component of ``job`` ready on the device; returns the modules and the loads."""
-        needs = self._needs(job)
-        pinned = {n.component_id for n in needs}
-        missing = [n.component_id for n in needs if n.component_id not in self.cache]
         handles: dict[str, instance_manager_pb2.HostHandle] = {}
-        lease: Lease | None = None
+        leases: dict[str, Lease] = {}
         acquire_s = 0.0
-        if missing:
-            started = time.perf_counter()
-            resp = await self.im.Acquire(
-                instance_manager_pb2.AcquireRequest(component_ids=missing, holder=self.worker_id), timeout=self.acquire_timeout_s
-            )
-            acquire_s = time.perf_counter() - started
-            lease = Lease(resp.lease_id)
-            handles = {h.component_id: h for h in resp.handles}
         try:
-            return await self._build_all(job, needs, pinned, handles, lease, acquire_s, emit)
+            fused_base = self._fused_base(job.base_id, handles)
+            needs = self._needs(job, fused_base)
+            missing = [n.component_id for n in needs if n.component_id not in self.cache]
+            if missing:
+                acquire_s += await self._acquire(missing, handles, leases)
+            if fused_base is None:
+                fused_base = self._fused_base(job.base_id, handles)
+                if fused_base is not None:  # the overlay was not cached: its base comes now
+                    needs = self._needs(job, fused_base)
+                    if fused_base not in self.cache and fused_base not in handles:
+                        acquire_s += await self._acquire([fused_base], handles, leases)
+            pinned = {n.component_id for n in needs}
+            return await self._build_all(job, needs, pinned, handles, leases, acquire_s, emit)
         finally:
-            if lease is not None and not lease.holding:
-                await self.release(lease.lease_id)
+            for lease_id in dict.fromkeys(lease.lease_id for lease in leases.values() if not lease.holding):
+                await self.release(lease_id)
 
     def _identity(self, cid: str, handles: dict[str, instance_manager_pb2.HostHandle]) -> tuple[int, str]:
         entry = self.cache.get(cid)
@@ -163,13 +207,20 @@ class Loader:
         needs: list[_Need],
         pinned: set[str],
         handles: dict[str, instance_manager_pb2.HostHandle],
-        lease: Lease | None,
+        leases: dict[str, Lease],
         acquire_s: float,
         emit: Callable[[worker_pb2.RunResponse], None],
     ) -> Outcome:
+        fused = needs[0].kind == common_pb2.COMPONENT_KIND_FUSED
+        base_need = needs[1] if fused else needs[0]
+        base_id = base_need.component_id
         base_kind, base_family = self._identity(job.base_id, handles)
         for need in needs:
             kind, family = self._identity(need.component_id, handles)
+            if fused and need is base_need and kind != common_pb2.COMPONENT_KIND_BASE:
+                raise FailedPrecondition(f"overlay {job.base_id!r} applies to {base_id!r}, a {KIND_NAMES.get(kind, kind)}")
+            if fused and need is base_need and family != base_family:
+                raise FailedPrecondition(f"overlay {job.base_id!r} is family {base_family!r}, its base {base_id!r} {family!r}")
             self._check(need, kind, family, base_family)
 
         incoming = [handles[cid] for cid in handles if cid not in self.cache]
@@ -209,21 +260,29 @@ class Loader:
             return result
 
         def add(cid: str, kind: int, family: str, nbytes: int, built: Any) -> None:
-            self.cache.add(CacheEntry(cid, kind, family, nbytes, built, lease))
+            self.cache.add(CacheEntry(cid, kind, family, nbytes, built, leases.get(cid)))
             self.report(True, [(cid, nbytes)])
 
-        # Base first: LoRAs load into it.
-        base_need = needs[0]
-        if job.base_id in handles:
-            built_base: BuiltBase = await component(
-                base_need, partial(build_base, self.mapper, handles[job.base_id], self.placement)
-            )
-            add(job.base_id, base_kind, base_family, built_base.bytes, built_base)
+        # Base first: LoRAs load into it (or into the overlay built over it).
+        if base_id in handles:
+            built_base: BuiltBase = await component(base_need, partial(build_base, self.mapper, handles[base_id], self.placement))
+            add(base_id, common_pb2.COMPONENT_KIND_BASE, built_base.family, built_base.bytes, built_base)
         else:
             await component(base_need, None)
-        base_entry = self.cache.get(job.base_id)
+        base_entry = self.cache.get(base_id)
         assert base_entry is not None and isinstance(base_entry.built, BuiltBase)
         base = base_entry.built
+        if fused:
+            if job.base_id in handles:
+                built_fused: BuiltBase = await component(
+                    needs[0], partial(overlay.build_fused, self.mapper, base, handles[job.base_id], self.placement)
+                )
+                add(job.base_id, base_kind, base_family, built_fused.bytes, built_fused)
+            else:
+                await component(needs[0], None)
+            fused_entry = self.cache.get(job.base_id)
+            assert fused_entry is not None and isinstance(fused_entry.built, BuiltBase)
+            base = fused_entry.built
 
         controlnets: list[BuiltControlNet] = []
         for need in needs:

@@ -5,6 +5,9 @@ fp32); every other tensor is the base's. :func:`fused_unet` builds a second UNet
 parameters are the built base UNet's own tensors (shared, same storage — on the device
 they are not uploaded again) except the overlay's, which are NEW tensors placed on the
 device. Nothing is written into the base's tensors or into the shared HOST copies.
+:func:`build_fused` wraps that UNet with the base's other modules into a
+:class:`~diffmesh_worker.assemble.BuiltBase` of its own (own adapter bookkeeping, so runtime
+LoRAs can still be added on top of the overlay).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 import torch
 from diffmesh.errors import DataLoss, FailedPrecondition
 from diffmesh.v1 import common_pb2, instance_manager_pb2
-from diffusers import UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from diffmesh_worker.assemble import BuiltBase, DevicePlacement, build_module
 from diffmesh_worker.shm_mapping import SegmentMapper, file_state_dict
@@ -51,3 +54,41 @@ def fused_unet(mapper: SegmentMapper, base: BuiltBase, fused: instance_manager_p
     merged = {**state, **{name: placement.place(t) for name, t in overlay.items()}}
     config = dict(base.unet.config)
     return build_module(lambda: UNet2DConditionModel.from_config(config), merged, placement, f"{cid}/unet")
+
+
+def build_fused(
+    mapper: SegmentMapper, base: BuiltBase, fused: instance_manager_pb2.HostHandle, placement: DevicePlacement
+) -> BuiltBase:
+    """A FUSED overlay ready to denoise: :func:`fused_unet` plus the base's VAE, text encoder and tokenizer.
+
+    Only the overlay's tensors are new on the device, so ``bytes`` counts just those.
+    """
+    if fused.family != base.family:
+        raise FailedPrecondition(f"overlay {fused.component_id!r} is family {fused.family!r}, its base {base.family!r}")
+    unet = fused_unet(mapper, base, fused, placement)
+    host: Any = StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=unet,
+        scheduler=base.new_scheduler(),  # type: ignore[arg-type]
+        safety_checker=None,  # type: ignore[arg-type]
+        feature_extractor=None,  # type: ignore[arg-type]
+        requires_safety_checker=False,
+    )
+    host.set_progress_bar_config(disable=True)
+    shared = {p.data_ptr() for p in base.unet.parameters()}
+    own = sum(p.numel() * p.element_size() for p in unet.parameters() if p.data_ptr() not in shared)
+    return BuiltBase(
+        component_id=fused.component_id,
+        family=fused.family,
+        unet=unet,
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        scheduler_cls=base.scheduler_cls,
+        scheduler_config=dict(base.scheduler_config),
+        bytes=own,
+        adapter_host=host,
+        base_id=base.component_id,
+    )

@@ -37,6 +37,8 @@ def add_parser(subparsers: Any) -> None:
                    help="model folder with catalog.json; demo models are written there when missing (default .diffmesh/models)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="worker device (default auto)")
+    p.add_argument("--host-pool-mb", type=int, default=256,
+                   help="HOST shared-memory pool of the instance manager in MiB (default 256; 0 = one segment per component)")
     p.add_argument("--requests", type=Path, default=None, help="JSON file of requests instead of the demo set")
     p.add_argument("--keep-running", action="store_true", help="after the requests, keep serving until Ctrl-C / SIGTERM")
     p.set_defaults(func=run)
@@ -88,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out.resolve()
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh SSD cache and fresh logs each run
-    mesh = LocalMesh(MeshConfig(run_dir=run_dir, models_dir=args.models, workers=args.workers, device=args.device))
+    mesh = LocalMesh(MeshConfig(run_dir=run_dir, models_dir=args.models, workers=args.workers, device=args.device,
+                                 host_pool_bytes=max(0, args.host_pool_mb) * 1024 * 1024))
     status = 0
     started = time.monotonic()
     try:

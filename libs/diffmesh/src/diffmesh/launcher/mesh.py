@@ -51,6 +51,7 @@ class MeshConfig:
     workers: int = 2
     node_id: str = "node-1"
     device: str = "auto"
+    host_pool_bytes: int = 256 * 1024 * 1024
     redis_url: str | None = None
     otlp_endpoint: str | None = None
     startup_timeout_s: float = 180.0
@@ -209,6 +210,9 @@ class LocalMesh:
             f"{p}SSD_DIR": str(self.run_dir / "ssd"),
             f"{p}ALLOWED_ROOTS": json.dumps([str(self.models_dir)]),
         }
+        if f"{p}HOST_CAPACITY_BYTES" not in os.environ:
+            # A pre-allocated HOST pool, so local runs take the O_DIRECT → pool path.
+            env[f"{p}HOST_CAPACITY_BYTES"] = str(self.config.host_pool_bytes)
         return ServiceSpec("instance-manager", "diffmesh-instance-manager", port, env)
 
     def _worker_spec(self, index: int, coordinator: str, instance_manager: str) -> ServiceSpec:

@@ -284,7 +284,21 @@ class BoundedCache(Generic[K]):
         if key in self.sizes:
             self.policy.on_access(key, t)
             return []
-        victims = self.plan_insert(nbytes, t, protected)
+        victims = [] if nbytes <= self.capacity - self.used else self.plan_insert(nbytes, t, protected)
+        if victims is None:
+            return None
+        for v in victims:
+            self.remove(v)
+        self.sizes[key] = nbytes
+        self.used += nbytes
+        self.policy.on_insert(key, nbytes, t)
+        return victims
+
+    def insert_planned(self, key: K, nbytes: int, t: float, victims: list[K] | None) -> list[K] | None:
+        """:meth:`insert` with victims already chosen by :meth:`plan_insert` at the same state (no second scan)."""
+        if key in self.sizes:
+            self.policy.on_access(key, t)
+            return []
         if victims is None:
             return None
         for v in victims:

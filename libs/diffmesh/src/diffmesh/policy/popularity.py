@@ -132,6 +132,11 @@ class DecayedCounter(Generic[K]):
 
     def rate(self, key: K, t: float) -> float:
         """Estimated request rate of ``key`` at ``t`` (requests per second)."""
+        old = self._value.get(key)
+        if old is None:
+            return 0.0
+        if t == self._cached_t and t >= self._stamp[key]:
+            return old / self._cached_g * self._lambda
         return self.count(key, t) * self._lambda
 
     def ranked(self, t: float, keys: Iterable[K] | None = None) -> list[tuple[K, float]]:

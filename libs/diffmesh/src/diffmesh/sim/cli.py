@@ -38,6 +38,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--requests", type=int, default=0, help="replay only the first N requests (0: all)")
     p.add_argument("--no-sweep", action="store_true", help="skip the offered-load sweep of the plot")
     p.add_argument(
+        "--days",
+        default="",
+        metavar="A:B",
+        help="replay only days [A, B) of the trace, counted from its first arrival (e.g. 8:16 for a held-out half)",
+    )
+    p.add_argument(
         "--compute-share-of",
         choices=("baseline", "trace"),
         default="baseline",
@@ -52,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     folder = trace_folder(args.trace)
     workload = load_trace(folder) if folder else synthetic_workload(seed=args.seed)
+    if args.days:
+        a, _, b = args.days.partition(":")
+        workload = workload.window(float(a or 0) * 86400.0, float(b) * 86400.0 if b else float("inf"))
     if args.requests > 0:
         workload = workload.head(args.requests)
     cal = calibrate(folder, workload)
@@ -76,6 +85,15 @@ def run(args: argparse.Namespace) -> int:
         "time_compression": round(prep.compression, 3),
         "mean_compute_s": round(prep.mean_compute_s, 3),
         "compute_share_of": args.compute_share_of,
+        "metrics": {
+            "misses": "fetches from REMOTE (on demand, replica or scale-out warm-up, prefetch); one per node copy made",
+            "remote_bytes": "bytes of those REMOTE fetches",
+            "peer_fetches": "copies from another node's HOST/SSD over the cluster network (not misses)",
+            "peer_bytes": "bytes of those peer copies",
+            "ssd_bytes": "bytes read from plus written to node SSDs",
+            "queue_mean": "requests waiting to start in the whole cluster, sampled at each arrival",
+            "oracle.misses": "Belady-Size over one cache of the pooled SSD capacity of all nodes",
+        },
         "lru_denoise_share": round(baseline_denoise_share(prep, settings), 4),
         "calibration": cal.summary(),
         "policy": {k: (v if isinstance(v, int | float) else str(v)) for k, v in vars(settings).items()},

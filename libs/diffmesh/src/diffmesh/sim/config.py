@@ -93,6 +93,9 @@ class SystemSpec:
     steal: bool = False
     """Late binding: a worker that falls idle takes a request queued elsewhere when loading
     it there finishes it sooner (needs the global view of queues)."""
+    scale_out: bool = False
+    """When a HOT/WARM request has to queue, warm the pipeline on the idle GPU where it loads
+    fastest (from node tiers or peers) for the rest of the burst."""
     exhaustive: bool = False
     """ECT routing: score every worker instead of the exact branch-and-bound short-list
     (same choices, slower; for tests)."""
@@ -103,7 +106,17 @@ class SystemSpec:
 
 
 DIFFMESH = SystemSpec(
-    "diffmesh", "ect", "utility", bands=True, fusion=True, bandit=True, admission=True, asymmetric=True, peer=True, steal=True
+    "diffmesh",
+    "ect",
+    "utility",
+    bands=True,
+    fusion=True,
+    bandit=True,
+    admission=True,
+    asymmetric=True,
+    peer=True,
+    steal=True,
+    scale_out=True,
 )
 
 SYSTEMS: dict[str, SystemSpec] = {
@@ -120,4 +133,5 @@ ABLATIONS: dict[str, SystemSpec] = {
     "lru_eviction": replace(DIFFMESH, name="lru_eviction", eviction="lru"),
     "no_peer": replace(DIFFMESH, name="no_peer", peer=False),
     "no_steal": replace(DIFFMESH, name="no_steal", steal=False),
+    "no_scale_out": replace(DIFFMESH, name="no_scale_out", scale_out=False),
 }

@@ -15,6 +15,7 @@ so a run costs O(requests x (components + nodes)) plus eviction scans.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import time
@@ -280,6 +281,8 @@ class Simulator:
         self.node_pinned: list[set[int]] = [set() for _ in range(self.nodes)]
         self.ncost: list[list[float]] = [self._initial_costs() for _ in range(self.nodes)]
         """Per node and component: load seconds to a GPU there from the best tier (no jitter)."""
+        self.min_cost = list(self.ncost[0])
+        """Per component, the least of its node costs (no non-holder anywhere loads it faster)."""
         host_b = cl.host_bytes(prep.catalog_bytes)
         ssd_b = cl.ssd_bytes(prep.catalog_bytes)
         self.host_capacity, self.ssd_capacity = host_b, ssd_b
@@ -322,13 +325,9 @@ class Simulator:
         self.peer = spec.peer
         self.track_cost = utility or spec.routing == "ect"
         self.track_pop = spec.bands or utility or spec.fusion
-        self.pop_keys = [
-            (*cs, prep.overlay_of[p]) if p in prep.overlay_of else cs for p, cs in enumerate(prep.comps)
-        ]
+        self.pop_keys = [(*cs, prep.overlay_of[p]) if p in prep.overlay_of else cs for p, cs in enumerate(prep.comps)]
         """Components whose popularity a request of each pipeline counts (its overlay too)."""
-        self.buckets = (
-            [time_bucket(x, self.settings.bucket_s) for x in prep.trace_time] if spec.bandit else []
-        )
+        self.buckets = [time_bucket(x, self.settings.bucket_s) for x in prep.trace_time] if spec.bandit else []
         self.admission = ColdAdmission()
         self.bandit: BanditPrefetcher[int] = BanditPrefetcher(seed=seed)
         self.prefetched: dict[tuple[int, int], tuple[int, int]] = {}
@@ -350,6 +349,7 @@ class Simulator:
         self.run_end = [0.0] * self.W
         """When each worker's running service ends."""
         self.steals = 0
+        self.scale_outs = 0
         self.misses = 0
         self.remote_bytes = 0
         self.peer_fetches = 0
@@ -419,9 +419,11 @@ class Simulator:
             else:
                 x = p.remote_cost[c]
             ncost[n][c] = x
+        self.min_cost[c] = min(nc[c] for nc in ncost)
         for o in p.overlays_of_lora.get(c, ()):
             for n in range(self.nodes):
                 ncost[n][o] = self.node_cost(n, o)
+            self.min_cost[o] = min(nc[o] for nc in ncost)
 
     def _gpu_drop(self, w: int, victims: list[int] | None) -> None:
         if not victims:
@@ -435,14 +437,19 @@ class Simulator:
         self, cache: BoundedCache[int], ready: dict[int, float], c: int, t: float, at: float, cold: bool, n: int, is_host: bool
     ) -> bool:
         nbytes = self.prep.nbytes[c]
-        if cold and self.spec.admission:
+        if c in cache.sizes:
+            cache.access(c, t)
+            return True
+        if cold and self.spec.admission and nbytes > cache.free:
             victims = cache.plan_insert(nbytes, t, ())
             score = self.comp_pop.count(c, t)
             if not self.admission.admit(
                 score, nbytes, cache.free, None if victims is None else [self.comp_pop.count(v, t) for v in victims]
             ):
                 return False
-        evicted = cache.insert(c, nbytes, t)
+            evicted = cache.insert_planned(c, nbytes, t, victims)
+        else:
+            evicted = cache.insert(c, nbytes, t)
         if evicted is None:
             return False
         self.node_holding.setdefault(c, set()).add(n)
@@ -522,7 +529,8 @@ class Simulator:
         prep = self.prep
         self.fused = fused
         self.needed_of = [
-            fc if (j in fused and fc is not None) else cs for j, (cs, fc) in enumerate(zip(prep.comps, prep.fused_comps, strict=True))
+            fc if (j in fused and fc is not None) else cs
+            for j, (cs, fc) in enumerate(zip(prep.comps, prep.fused_comps, strict=True))
         ]
         self.compute_factor = [
             1.0 if (not lo or j in fused) else 1.0 + UNFUSED_LORA_OVERHEAD * len(lo) for j, lo in enumerate(prep.loras)
@@ -671,6 +679,8 @@ class Simulator:
                 v = wait + _others_load(gpus[w].sizes, ncost[w // gpn], needed, asym) if others else wait
                 if v < best or (v == best and w < best_w):
                     best, best_w = v, w
+        if self.min_cost[base] > best:
+            return self._routed(i, p, t, best_w, needed)
         node_min = self._node_mins()
         for n in range(self.nodes):
             nc = ncost[n]
@@ -797,18 +807,19 @@ class Simulator:
             if pinned[w] and not self.running[w]:
                 self._warm_up(w, t)
 
-    def _warm_up(self, w: int, t: float) -> None:
-        """Load a worker's newly pinned copies while it is idle (a replica is ready before traffic)."""
+    def _warm_up(self, w: int, t: float, extra: tuple[int, ...] = ()) -> None:
+        """Load a worker's newly pinned copies (and ``extra``) while it is idle: ready before traffic."""
         gpu = self.gpu[w]
-        missing = [c for c in sorted(self.pinned[w]) if c not in gpu.sizes]
+        missing = [c for c in (*sorted(self.pinned[w]), *extra) if c not in gpu.sizes]
         if not missing:
             return
         n = w // self.gpn
+        protected = self.pinned[w].union(extra)
         total = 0.0
         for c in missing:
             total += self._fetch_to_node(n, c, t, 0, False)
             self.gpu_loads += 1
-            evicted = gpu.insert(c, self.prep.nbytes[c], t, self.pinned[w])
+            evicted = gpu.insert(c, self.prep.nbytes[c], t, protected)
             if evicted is not None:
                 self._gpu_drop(w, evicted)
                 self.gpu_holders.setdefault(c, set()).add(w)
@@ -923,6 +934,39 @@ class Simulator:
         self.steals += 1
         self._start(w, j, t)
 
+    def _scale_out(self, i: int, p: int, t: float) -> None:
+        """A request of a HOT/WARM pipeline had to queue: warm one more idle GPU for the next ones.
+
+        Demand has outgrown the pipeline's warm copies, and idle GPUs cost nothing: the
+        idle worker where the pipeline loads fastest (from HOST, SSD or a peer, never
+        REMOTE: a component no node holds is left to on-demand loading) starts loading it
+        now, so the next request of the burst finds a warm, free worker.
+        """
+        needed = self.needed_of[p]
+        if any(not self.node_holding.get(c) for c in needed):
+            return
+        need = self._need_bytes(i, p)
+        best, best_w = INF, -1
+        running, queue, gpus, ncost, gpn = self.running, self.queue, self.gpu, self.ncost, self.gpn
+        base = needed[0]
+        asym = self.spec.asymmetric
+        for x in range(self.W):
+            if running[x] or queue[x]:
+                continue
+            sizes = gpus[x].sizes
+            nc = ncost[x // gpn]
+            load = 0.0 if base in sizes else nc[base]
+            if load >= best:
+                continue
+            if self.pinned_bytes[x] and not self._fits(x, needed, need):
+                continue
+            load += _others_load(sizes, nc, needed, asym)
+            if load < best:
+                best, best_w = load, x
+        if best_w >= 0 and best > 0.0:
+            self.scale_outs += 1
+            self._warm_up(best_w, t, needed)
+
     def _need_bytes(self, i: int, p: int) -> int:
         """Device bytes request ``i`` of pipeline ``p`` needs: weights + activations."""
         prep = self.prep
@@ -957,6 +1001,8 @@ class Simulator:
             self.queue[w].append(i)
             self.queued.add(w)
             self.waiting += 1
+            if self.spec.scale_out and self.band.get(p, Band.COLD) is not Band.COLD:
+                self._scale_out(i, p, t)
         else:
             self._start(w, i, t)
 
@@ -976,7 +1022,21 @@ class Simulator:
                     self._gpu_drop(w, [c])
 
     def run(self) -> SimResult:
-        """Simulate every request; returns the outcomes."""
+        """Simulate every request; returns the outcomes.
+
+        The cyclic garbage collector is paused meanwhile: the loop allocates many small
+        tuples but creates no reference cycles, and the collector's passes over the
+        growing heap cost more than the simulation itself on long traces.
+        """
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run()
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _run(self) -> SimResult:
         began = time.perf_counter()
         cpu = time.process_time()
         prep = self.prep

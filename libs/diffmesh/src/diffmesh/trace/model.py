@@ -71,3 +71,23 @@ class Workload:
             exec_time_s=None if self.exec_time_s is None else self.exec_time_s[:n],
             notes=dict(self.notes),
         )
+
+    def window(self, start_s: float, end_s: float) -> Workload:
+        """Requests arriving in ``[start_s, end_s)`` (workload seconds), re-based to start at 0."""
+        sel = (self.arrival_s >= start_s) & (self.arrival_s < end_s)
+        idx = np.flatnonzero(sel)
+        t0 = float(self.arrival_s[idx[0]]) if idx.size else float(start_s)
+        return Workload(
+            name=f"{self.name}[{start_s:.0f}s,{end_s:.0f}s)",
+            components=self.components,
+            pipelines=self.pipelines,
+            arrival_s=self.arrival_s[idx] - t0,
+            pipeline=self.pipeline[idx],
+            images=self.images[idx],
+            steps=self.steps[idx],
+            tenant=self.tenant[idx],
+            task=self.task[idx],
+            start_epoch_s=self.start_epoch_s + t0,
+            exec_time_s=None if self.exec_time_s is None else self.exec_time_s[idx],
+            notes=dict(self.notes),
+        )
