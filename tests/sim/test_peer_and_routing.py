@@ -134,3 +134,11 @@ def test_workload_window_rebases_arrivals() -> None:
     assert part.arrival_s.tolist() == [0.0, 10.0]
     assert part.pipeline.tolist() == [1, 0]
     assert part.start_epoch_s == w.start_epoch_s + 10.0
+
+
+def test_cached_node_costs_match_a_full_recomputation(synth: Prepared) -> None:
+    sim = Simulator(synth, DIFFMESH)
+    sim.run()
+    for n in range(sim.nodes):
+        assert sim.ncost[n] == [sim.node_cost(n, c) for c in range(len(synth.nbytes))]
+    assert sim.min_cost == [min(sim.ncost[n][c] for n in range(sim.nodes)) for c in range(len(synth.nbytes))]

@@ -1,16 +1,18 @@
 """The discrete-event simulator.
 
-Events are request arrivals (from the workload, time-compressed), request completions
+Events are request arrivals (from the workload, time-compressed), service completions
 (a heap) and, for diffmesh, periodic plan ticks. Each worker owns one GPU and serves its
 FIFO queue one request at a time: it loads what the pipeline misses on the GPU from the
-best tier of its node (HOST, else SSD, else REMOTE, which also fills SSD and HOST), makes
-room for the activations, then denoises. Node tiers and GPUs are
+best tier of its node (HOST, else SSD, else -- with a global view -- a PEER node's copy,
+else REMOTE; copies from PEER or REMOTE also fill the node's SSD and HOST), makes room
+for the activations, then denoises. Node tiers and GPUs are
 :class:`~diffmesh.policy.eviction.BoundedCache` objects driven by the same eviction,
 admission, popularity, replica, fusion, prefetch and routing code the services import.
 
-Per event the work is bounded by the pipeline's components and a handful of candidate
-workers (those holding the base, the HOT replicas, the least-busy worker of each node),
-so a run costs O(requests x (components + nodes)) plus eviction scans.
+Per event the work is bounded by the pipeline's components and a few workers: ECT
+routing is an exact branch-and-bound over the workers (see :meth:`Simulator._route_ect`)
+on per-node load costs that are cached and refreshed only where a copy changed, so a
+run costs about O(requests x (holders of the base + components)) plus eviction scans.
 """
 
 from __future__ import annotations
@@ -337,9 +339,10 @@ class Simulator:
         self.warm: list[int] = []
         # Metrics.
         n = len(prep.req_pipe)
-        self.latency = np.zeros(n)
-        self.wait = np.zeros(n)
-        self.qlen = np.zeros(n, dtype=np.int32)
+        # Python lists while running (cheaper to write than numpy items), arrays in the result.
+        self.latency = [0.0] * n
+        self.wait = [0.0] * n
+        self.qlen = [0] * n
         self.est_service = [0.0] * n
         self.est_load_s = [0.0] * n
         """The load part of ``est_service`` (what the router expected on the worker it chose)."""
@@ -398,8 +401,13 @@ class Simulator:
             return sum(nc[lo] for lo in p.loras[p.overlay_pipe[c]]) + p.host_cost[c]
         return p.remote_cost[c]
 
-    def _cost_changed(self, c: int) -> None:
-        """Refresh the cached costs of ``c`` (and of overlays built from it) on every node."""
+    def _cost_changed(self, c: int, at: int) -> None:
+        """Refresh the cached costs of ``c`` (and of overlays built from it) after node ``at``'s tiers changed.
+
+        Other nodes' costs depend on node ``at`` only through the peer tier, and only
+        when fewer than two other nodes hold a copy (with two or more, every node still
+        has a peer either way).
+        """
         if not self.track_cost:
             return
         p = self.prep
@@ -407,7 +415,9 @@ class Simulator:
         holders = self.node_holding.get(c)
         n_hold = len(holders) if holders else 0
         peer_ok = self.peer and n_hold > 0
-        for n in range(self.nodes):
+        others_hold = n_hold - (1 if holders and at in holders else 0)
+        nodes: range | tuple[int] = range(self.nodes) if self.peer and others_hold < 2 else (at,)
+        for n in nodes:
             if c in self.host[n].sizes:
                 x = p.host_cost[c]
             elif c in self.ssd[n].sizes:
@@ -421,7 +431,7 @@ class Simulator:
             ncost[n][c] = x
         self.min_cost[c] = min(nc[c] for nc in ncost)
         for o in p.overlays_of_lora.get(c, ()):
-            for n in range(self.nodes):
+            for n in nodes:
                 ncost[n][o] = self.node_cost(n, o)
             self.min_cost[o] = min(nc[o] for nc in ncost)
 
@@ -462,9 +472,9 @@ class Simulator:
                 rec = self.prefetched.pop((n, v), None)
                 if rec is not None:
                     self.bandit.reward(rec[0], rec[1], False)
-            self._cost_changed(v)
+            self._cost_changed(v, n)
         ready[c] = at
-        self._cost_changed(c)
+        self._cost_changed(c, n)
         return True
 
     def _peer_ready(self, n: int, c: int) -> float:
@@ -1065,9 +1075,9 @@ class Simulator:
         span = end - (arrival[0] if arrival else 0.0)
         return SimResult(
             name=self.spec.name,
-            latency_s=self.latency,
-            queue_wait_s=self.wait,
-            queue_len=self.qlen,
+            latency_s=np.asarray(self.latency, dtype=np.float64),
+            queue_wait_s=np.asarray(self.wait, dtype=np.float64),
+            queue_len=np.asarray(self.qlen, dtype=np.int32),
             misses=self.misses,
             remote_bytes=self.remote_bytes,
             ssd_bytes=self.ssd_bytes,
