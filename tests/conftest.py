@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from diffmesh.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]

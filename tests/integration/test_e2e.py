@@ -206,7 +206,7 @@ def test_one_trace_holds_spans_from_all_four_services(
                 return tid
         return None
 
-    assert collector.wait_for(lambda spans: complete(spans) is not None, timeout=30), {
+    assert collector.wait_for(lambda spans: complete(spans) is not None, timeout=90), {
         tid: (sorted(services), sorted({(s.service, s.name, s.is_root) for s in collector.trace(tid)}))
         for tid, services in _services(collector.spans()).items()
         if tid not in before

@@ -15,7 +15,8 @@ DECL = re.compile(r"^\s*(message|enum|service|rpc|oneof)\s+(\w+)|^\s*(repeated\s
 
 
 def test_there_are_protos() -> None:
-    assert {p.name for p in PROTOS} >= {"common.proto", "router.proto", "coordinator.proto", "instance_manager.proto", "worker.proto"}
+    expected = {"common.proto", "router.proto", "coordinator.proto", "instance_manager.proto", "worker.proto"}
+    assert {p.name for p in PROTOS} >= expected
 
 
 @pytest.mark.parametrize("proto", PROTOS, ids=lambda p: p.name)

@@ -6,13 +6,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from diffmesh.errors import InvalidArgument, NotFound, ResourceExhausted, retry_after_ms
 from diffmesh.server import ServerThread
 from diffmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 
 class _FailingWorker(worker_pb2_grpc.WorkerServiceServicer):

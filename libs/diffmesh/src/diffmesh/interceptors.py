@@ -51,7 +51,7 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
     async def wrapper(request: Any, context: aio.ServicerContext) -> Any:
         try:
             return await behavior(request, context)
-        except BaseException as exc:  # noqa: BLE001 - mapped to a status below
+        except BaseException as exc:
             if _passes_through(exc):
                 raise
             await _abort(context, method, exc)
@@ -64,7 +64,7 @@ def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Ca
         try:
             async for item in behavior(request, context):
                 yield item
-        except BaseException as exc:  # noqa: BLE001 - mapped to a status below
+        except BaseException as exc:
             if _passes_through(exc):
                 raise
             await _abort(context, method, exc)
