@@ -23,10 +23,10 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from diffmesh.safetensors_header import torch_dtype
 from diffmesh.v1 import common_pb2, coordinator_pb2, instance_manager_pb2, instance_manager_pb2_grpc, worker_pb2
 from diffmesh_worker.assemble import BuiltBase
 from diffmesh_worker.overlay import base_unet_state
-from diffmesh_worker.shm_mapping import DTYPES
 from PIL import Image
 from safetensors import safe_open
 
@@ -103,7 +103,7 @@ def _host_copy_equals_disk(im_stub: instance_manager_pb2_grpc.InstanceManagerSer
             blob = Path("/dev/shm", shm_file.segment).read_bytes()
             with safe_open(str(demo_models / "base" / BASE / shm_file.relpath), "pt") as f:
                 for t in shm_file.tensors:
-                    got = torch.frombuffer(bytearray(blob[t.offset : t.offset + t.length]), dtype=DTYPES[t.dtype])
+                    got = torch.frombuffer(bytearray(blob[t.offset : t.offset + t.length]), dtype=torch_dtype(t.dtype))
                     assert torch.equal(got.view(list(t.shape)), f.get_tensor(t.name)), f"{shm_file.relpath}:{t.name}"
                     checked += 1
         return checked

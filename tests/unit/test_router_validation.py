@@ -9,12 +9,7 @@ from collections.abc import Callable
 import pytest
 from diffmesh.errors import InvalidArgument
 from diffmesh.v1 import common_pb2
-from diffmesh_router.validation import (
-    check_image,
-    component_ids,
-    validate_against_catalog,
-    validate_request,
-)
+from diffmesh_router.validation import component_ids, validate_against_catalog, validate_request
 from PIL import Image
 
 
@@ -143,13 +138,6 @@ def test_request_id_and_tenant_limits() -> None:
     assert _field_of(pipeline, params, request_id="has space") == "request_id"
     assert _field_of(pipeline, params, request_id="x" * 129) == "request_id"
     assert _field_of(pipeline, params, tenant="t" * 129) == "tenant"
-
-
-def test_check_image_accepts_png_and_jpeg_and_reports_size() -> None:
-    assert check_image(_png((80, 72)), "f") == (80, 72)
-    assert check_image(_jpeg(), "f") == (32, 48)
-    with pytest.raises(InvalidArgument, match="unknown signature"):
-        check_image(b"hello", "f")
 
 
 def test_img2img_and_inpaint_with_images_pass() -> None:

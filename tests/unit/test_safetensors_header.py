@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from diffmesh.safetensors_header import SafetensorsHeaderError, parse_buffer, read_header
+from diffmesh.safetensors_header import DTYPE_SIZES, SafetensorsHeaderError, parse_buffer, read_header, torch_dtype
 from safetensors.numpy import load_file, save_file
 
 
@@ -113,3 +113,12 @@ def test_shape_times_dtype_must_equal_byte_length(tmp_path: Path) -> None:
     assert _problem(path) == "size mismatch"
     negative = _write_raw(tmp_path / "g.safetensors", {"x": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8)
     assert _problem(negative) == "malformed header"
+
+
+def test_torch_dtype_covers_every_safetensors_dtype_with_its_size() -> None:
+    for name, size in DTYPE_SIZES.items():
+        assert torch_dtype(name).itemsize == size, name
+    assert str(torch_dtype("F8_E4M3")) == "torch.float8_e4m3fn"
+    with pytest.raises(SafetensorsHeaderError) as err:
+        torch_dtype("F128")
+    assert err.value.problem == "unknown dtype"

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from diffmesh.errors import InvalidArgument
 from diffmesh.pipeline_key import canonical_key
+from diffmesh.request_validation import decode_image
 from diffmesh.v1 import common_pb2, worker_pb2
-from diffmesh_worker.images import decode_image, encode_png
+from diffmesh_worker.images import encode_png
 from diffmesh_worker.validation import image_seeds, validate
 from PIL import Image
 

@@ -18,6 +18,10 @@ import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 #: Bytes per element of every dtype safetensors defines.
 DTYPE_SIZES: dict[str, int] = {
@@ -38,6 +42,25 @@ DTYPE_SIZES: dict[str, int] = {
     "F64": 8,
 }
 
+#: The torch dtype (an attribute of the ``torch`` module) of every dtype safetensors defines.
+TORCH_DTYPE_NAMES: dict[str, str] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F64": "float64",
+}
+
 #: Header length limit (the reference implementation's limit is 100 MB as well).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _PREFIX = 8
@@ -50,6 +73,20 @@ class SafetensorsHeaderError(ValueError):
         super().__init__(f"{problem}: {detail}")
         self.problem = problem
         self.detail = detail
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of the safetensors dtype ``name`` (e.g. ``F16``); imports torch on first use.
+
+    Raises :class:`SafetensorsHeaderError` (problem ``unknown dtype``) for a name safetensors
+    does not define or this torch build lacks.
+    """
+    import torch
+
+    dtype = getattr(torch, TORCH_DTYPE_NAMES.get(name, ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise SafetensorsHeaderError("unknown dtype", f"{name!r} is not one of {sorted(TORCH_DTYPE_NAMES)} in this torch")
+    return dtype
 
 
 @dataclass(frozen=True)

@@ -16,24 +16,12 @@ from pathlib import Path
 
 import torch
 from diffmesh.errors import FailedPrecondition
+from diffmesh.safetensors_header import SafetensorsHeaderError, torch_dtype
 
 from diffmesh_instance_manager.fusion import LoraInput, fuse, overlay_metadata, save_overlay
 from diffmesh_instance_manager.host import ComponentPlan, PlannedFile
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
-
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 @dataclass(frozen=True)
@@ -49,10 +37,11 @@ def _tensors(copy: HostCopy, planned: PlannedFile) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     data = planned.offset + planned.header.data_offset
     for t in planned.header.tensors:
-        dtype = DTYPES.get(t.dtype)
-        if dtype is None:
+        try:
+            dtype = torch_dtype(t.dtype)
+        except SafetensorsHeaderError:
             what = f"component {copy.component_id!r}: tensor {t.name!r}"
-            raise FailedPrecondition(f"{what} has dtype {t.dtype}, which is not fused")
+            raise FailedPrecondition(f"{what} has dtype {t.dtype}, which is not fused") from None
         count = t.nbytes // dtype.itemsize
         if count == 0:
             out[t.name] = torch.empty(t.shape, dtype=dtype)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from diffmesh.channels import open_channel
 from diffmesh.errors import InvalidArgument, Unavailable
 from diffmesh.pipeline_key import canonical_key
+from diffmesh.request_validation import has_images
 from diffmesh.telemetry import tracer
 from diffmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, router_pb2, router_pb2_grpc, worker_pb2
 from grpc import aio
@@ -26,7 +27,7 @@ from diffmesh_router.forwarder import Forwarder, WorkerChannels
 from diffmesh_router.placement import InFlight, Placement, PlacementPolicy, Placer, WorkerDirectory
 from diffmesh_router.recorder import RequestRecorder
 from diffmesh_router.settings import RouterSettings
-from diffmesh_router.validation import component_ids, has_images, validate_against_catalog, validate_request
+from diffmesh_router.validation import component_ids, validate_against_catalog, validate_request
 
 log = logging.getLogger("diffmesh.router")
 _tracer = tracer("diffmesh.router")

@@ -22,28 +22,10 @@ from pathlib import Path
 
 import torch
 from diffmesh.errors import DataLoss
+from diffmesh.safetensors_header import SafetensorsHeaderError, torch_dtype
 from diffmesh.v1 import instance_manager_pb2
 
 SHM_ROOT = Path("/dev/shm")
-
-# safetensors dtype strings → torch dtypes.
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 
 
 class SegmentMapper:
@@ -94,9 +76,10 @@ class SegmentMapper:
 
 def tensor_view(buf: mmap.mmap, entry: instance_manager_pb2.TensorEntry, where: str) -> torch.Tensor:
     """A zero-copy tensor over ``entry``'s bytes in ``buf``; DataLoss when the index is inconsistent."""
-    dtype = DTYPES.get(entry.dtype)
-    if dtype is None:
-        raise DataLoss(f"{where}: tensor {entry.name!r} has unsupported dtype {entry.dtype!r}")
+    try:
+        dtype = torch_dtype(entry.dtype)
+    except SafetensorsHeaderError:
+        raise DataLoss(f"{where}: tensor {entry.name!r} has unsupported dtype {entry.dtype!r}") from None
     shape = [int(d) for d in entry.shape]
     if any(d < 0 for d in shape):
         raise DataLoss(f"{where}: tensor {entry.name!r} has a negative dimension")
