@@ -7,6 +7,7 @@ Every RPC and every error status, and that the router keeps serving after each b
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -433,7 +434,7 @@ def test_recorder_keeps_records_while_the_coordinator_is_down(redis_url: str) ->
 # These tests need services/worker (diffmesh_worker.app) and services/instance-manager; they
 # skip, saying so, only while one of those packages is missing from the tree.
 
-NODE = "rt-node"
+NODE = f"rt-node-{os.getpid()}"
 
 
 def _worker_status(address: str) -> Any:

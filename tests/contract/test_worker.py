@@ -5,6 +5,7 @@ a gRPC server in-process on a free port; real diffusers pipelines denoise tiny d
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import threading
 import uuid
@@ -48,7 +49,7 @@ LORA = "lora-neon"
 LORA_2 = "lora-sketch"
 CONTROLNET = "controlnet-edges"
 WORKER_ID = "wk-contract"
-NODE_ID = "node-contract"
+NODE_ID = f"node-contract-{os.getpid()}"
 
 
 @dataclass

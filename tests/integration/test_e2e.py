@@ -28,6 +28,8 @@ SIZE = 64
 STEPS = 3
 # The `name` of each service's App: what it sets as the OTel service.name.
 SERVICES = {"router", "worker", "instance-manager", "coordinator"}
+# Unique per test process: an instance manager owns its node id on the host.
+NODE_ID = f"e2e-node-{os.getpid()}"
 CUSTOM_SPANS = {"worker.queue", "worker.load", "worker.load.component", "worker.denoise", "im.acquire.component"}
 
 
@@ -51,7 +53,7 @@ def mesh(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         run_dir=tmp_path_factory.mktemp("mesh"),
         models_dir=demo_models,
         workers=2,
-        node_id="e2e-node",
+        node_id=NODE_ID,
         redis_url="",
         otlp_endpoint="",
         progress=lambda line: print(f"[mesh] {line}", file=sys.stderr),
@@ -93,7 +95,7 @@ def test_images_decode_with_requested_size_and_count(client: Client, ids: dict[s
         assert decoded.size == (64, 80)
         assert (image.width, image.height) == (64, 80)
     assert result.worker_id in {"worker-1", "worker-2"}
-    assert result.node_id == "e2e-node"
+    assert result.node_id == NODE_ID
     assert result.pipeline_key
     assert {load.component_id for load in result.loads} == {ids["BASE"][0]}
 

@@ -13,6 +13,7 @@ from grpc import aio
 
 from diffmesh_instance_manager.direct_io import DirectLoader
 from diffmesh_instance_manager.host import SegmentAllocator, remove_stale_segments
+from diffmesh_instance_manager.node_lock import NodeLock
 from diffmesh_instance_manager.pool import HostPool, remove_stale_pools
 from diffmesh_instance_manager.remote import RemoteAccess
 from diffmesh_instance_manager.reporter import CatalogClient, CoordinatorReporter, open_coordinator
@@ -77,6 +78,7 @@ class InstanceManagerApp:
         self.catalog: CatalogClient | None = None
         self.reporter: CoordinatorReporter | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._node_lock: NodeLock | None = None
         self.store: ComponentStore = self._build_store()
 
     def _build_store(self) -> ComponentStore:
@@ -168,6 +170,16 @@ class InstanceManagerApp:
 
     async def start(self, port: int) -> None:
         """Cleans up after a crash, opens the SSD tier and starts reporting to the coordinator."""
+        # Only after taking the node lock is every dm_<node_id>_* segment surely a crash leftover.
+        self._node_lock = NodeLock(self.settings.node_id)
+        try:
+            await self._start_locked(port)
+        except BaseException:
+            self._node_lock.release()
+            self._node_lock = None
+            raise
+
+    async def _start_locked(self, port: int) -> None:
         s = self.settings
         stale = await asyncio.to_thread(remove_stale_segments, s.node_id)
         if stale:
@@ -208,3 +220,6 @@ class InstanceManagerApp:
         await self.store.close()
         if self._channel is not None:
             await self._channel.close()
+        if self._node_lock is not None:
+            self._node_lock.release()
+            self._node_lock = None
