@@ -16,9 +16,11 @@ every tensor is usable (every page touched):
 (d) the disk's raw sequential bandwidth (fio with a deep queue when installed, and
     ``dd iflag=direct``; the limit is the best of them);
 (e) HOST handle → ready ``nn.Module`` in a second process (mmap the block of
-    ``/dev/shm/<segment>``, ``torch.frombuffer`` views, meta-device UNet,
-    ``load_state_dict(assign=True)``) while (c)'s process holds the pool; also reported
-    with every page touched, and with a meta skeleton built ahead of the request;
+    ``/dev/shm/<segment>``, ``torch.frombuffer`` views, a meta-device UNet skeleton taken
+    from the worker's ``diffmesh_worker.skeletons.SkeletonPool`` (a spare built ahead, as
+    for the worker's next load of the architecture), ``load_state_dict(assign=True)``)
+    while (c)'s process holds the pool; also reported with every page touched, with the
+    meta UNet built on the request path, and with a plain meta UNet built ahead;
 (f) REMOTE → SSD: an HTTP server with range requests on loopback, read through fsspec's
     ``HTTPFileSystem``, streamed to a temporary file with sha256, fsync and atomic rename.
 
@@ -50,6 +52,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "services" / "instance-manager" / "src"))
 sys.path.insert(0, str(REPO / "libs" / "diffmesh" / "src"))
+sys.path.insert(0, str(REPO / "services" / "worker" / "src"))
 
 WORKDIR = REPO / ".diffmesh" / "bench"
 PAGE = 4096
@@ -303,50 +306,110 @@ def _itemsize(dtype: str) -> int:
     return DTYPE_SIZES[dtype]
 
 
+def _skeleton_source(config: dict[str, Any]) -> tuple[Any, str]:
+    """What hands out the meta UNet for the headline (e): the worker's spare-skeleton pool when importable.
+
+    Returns ``(take, source)``: ``take()`` gives a meta UNet skeleton. With the worker's
+    :class:`diffmesh_worker.skeletons.SkeletonPool` one skeleton is taken first (as an earlier
+    load of this architecture did), and the spare it then builds in the background is waited
+    for (the idle time between requests), so the timed take gets a skeleton built ahead, as
+    the worker's next load does. Fallback: one meta UNet built ahead here.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    try:
+        from diffmesh_worker.skeletons import SkeletonPool
+    except ImportError:
+        with torch.device("meta"):
+            spare = UNet2DConditionModel.from_config(config)
+        return (lambda: spare), "fallback: meta UNet built ahead in the bench"
+    pool = SkeletonPool(max_keys=8)
+    pool.take(UNet2DConditionModel, config)
+    if not pool.wait_ready(UNet2DConditionModel, config, 600):
+        raise RuntimeError("the worker's skeleton pool built no spare UNet")
+    return (lambda: pool.take(UNet2DConditionModel, config)), "diffmesh_worker.skeletons.SkeletonPool"
+
+
 def phase_acquire(handle_file: Path) -> dict[str, Any]:
-    """(e) HOST handle → ready module in a second process: map, views, meta UNet, assign."""
+    """(e) HOST handle → ready module in a second process: map, views, meta UNet skeleton, assign.
+
+    The headline takes the skeleton as the worker does (a spare built ahead by its pool);
+    the variants build it on the request path (``cold_meta_*``) and take a plain meta UNet
+    built ahead by the bench (``with_prebuilt_skeleton_s``).
+    """
     import torch
     from diffusers import UNet2DConditionModel
 
     handle = json.loads(handle_file.read_text())
     config = {k: v for k, v in handle["config"].items() if not k.startswith("_")}
-    with torch.device("meta"):  # warm-up: a long-lived worker has built modules before
-        skeleton = UNet2DConditionModel.from_config(config)
-    t0 = time.perf_counter()
-    fd = os.open(f"/dev/shm/{handle['segment']}", os.O_RDWR)
-    try:
-        mm = mmap.mmap(fd, handle["length"], flags=mmap.MAP_SHARED, offset=handle["offset"])
-    finally:
-        os.close(fd)
-    t_map = time.perf_counter() - t0
-    sd = {
-        name: torch.frombuffer(mm, dtype=getattr(torch, ST_DTYPES[dtype]), count=n // _itemsize(dtype), offset=off).view(shape)
-        for name, dtype, shape, off, n in handle["tensors"]
-    }
-    t_views = time.perf_counter() - t0
+
+    def mapped() -> tuple[mmap.mmap, float]:
+        t0 = time.perf_counter()
+        fd = os.open(f"/dev/shm/{handle['segment']}", os.O_RDWR)
+        try:
+            mm = mmap.mmap(fd, handle["length"], flags=mmap.MAP_SHARED, offset=handle["offset"])
+        finally:
+            os.close(fd)
+        return mm, time.perf_counter() - t0
+
+    def views(mm: mmap.mmap) -> dict[str, Any]:
+        return {
+            name: torch.frombuffer(mm, dtype=getattr(torch, ST_DTYPES[dtype]), count=n // _itemsize(dtype), offset=off).view(
+                shape
+            )
+            for name, dtype, shape, off, n in handle["tensors"]
+        }
+
+    # Warm-up: a long-lived worker has built and loaded modules before (code pages resident).
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    t_meta = time.perf_counter() - t0
+        warm = UNet2DConditionModel.from_config(config)
+    warm_mm, _ = mapped()
+    warm.load_state_dict(views(warm_mm), assign=True, strict=True)
+    del warm
+    take, source = _skeleton_source(config)
+    with torch.device("meta"):
+        prebuilt = UNet2DConditionModel.from_config(config)
+
+    # Headline: the worker's route, the skeleton built ahead by its pool.
+    t0 = time.perf_counter()
+    mm, _ = mapped()
+    sd = views(mm)
+    t_views = time.perf_counter() - t0
+    unet = take()
+    t_take = time.perf_counter() - t0
     unet.load_state_dict(sd, assign=True, strict=True)
     unet.eval()
     seconds = time.perf_counter() - t0
     touch(list(unet.parameters()))
     touch_s = time.perf_counter() - t0
-    # Variant: the worker keeps a spare meta-device skeleton per architecture (built off the request path).
-    t1 = time.perf_counter()
-    sd2 = {
-        name: torch.frombuffer(mm, dtype=getattr(torch, ST_DTYPES[dtype]), count=n // _itemsize(dtype), offset=off).view(shape)
-        for name, dtype, shape, off, n in handle["tensors"]
-    }
-    skeleton.load_state_dict(sd2, assign=True, strict=True)
-    prebuilt_s = time.perf_counter() - t1
     shared = sum(1 for p in unet.parameters() if p.data_ptr() == sd[_name_of(unet, p)].data_ptr())
     on_meta = sum(1 for p in unet.parameters() if p.is_meta)
-    result = {"seconds": seconds, "with_touch_s": touch_s, "map_s": t_map, "views_s": t_views - t_map,
-              "meta_s": t_meta - t_views, "assign_s": seconds - t_meta, "zero_copy_params": shared,
+
+    # Variant: the meta UNet built from the config on the request path (no skeleton ahead).
+    t0 = time.perf_counter()
+    mm2, t_map = mapped()
+    sd2 = views(mm2)
+    c_views = time.perf_counter() - t0
+    with torch.device("meta"):
+        cold = UNet2DConditionModel.from_config(config)
+    c_meta = time.perf_counter() - t0
+    cold.load_state_dict(sd2, assign=True, strict=True)
+    cold.eval()
+    cold_s = time.perf_counter() - t0
+
+    # Variant: a plain meta UNet built ahead by the bench itself (the pre-pool measurement).
+    t1 = time.perf_counter()
+    sd3 = views(mm2)
+    prebuilt.load_state_dict(sd3, assign=True, strict=True)
+    prebuilt_s = time.perf_counter() - t1
+    result = {"seconds": seconds, "skeleton_source": source, "with_touch_s": touch_s, "map_views_s": t_views,
+              "take_s": t_take - t_views, "assign_s": seconds - t_take, "zero_copy_params": shared,
               "params": len(list(unet.parameters())), "meta_params": on_meta,
+              "cold_meta_s": cold_s, "cold_meta_map_s": t_map, "cold_meta_views_s": c_views - t_map,
+              "cold_meta_build_s": c_meta - c_views, "cold_meta_assign_s": cold_s - c_meta,
               "with_prebuilt_skeleton_s": prebuilt_s}  # fmt: skip
-    del unet, sd, skeleton, sd2
+    del unet, sd, cold, sd2, prebuilt, sd3
     return result
 
 
@@ -534,7 +597,7 @@ def main_bench(ns: argparse.Namespace) -> int:
     server_info, server = run_phase(["--phase", "serve", "--dir", str(folder), "--port", str(port)], hold=True)
     assert server is not None
     url = f"http://127.0.0.1:{server_info['port']}/{weights.name}"
-    samples: dict[str, list[float]] = {k: [] for k in ("a", "b", "c", "d", "e", "e_touch", "e_prebuilt", "f")}
+    samples: dict[str, list[float]] = {k: [] for k in ("a", "b", "c", "d", "e", "e_touch", "e_cold_meta", "e_prebuilt", "f")}
     details: dict[str, list[dict[str, Any]]] = {k: [] for k in ("a", "b", "c", "d", "e", "f")}
     handle_file = WORKDIR / "handle.json"
     try:
@@ -560,6 +623,7 @@ def main_bench(ns: argparse.Namespace) -> int:
             details["c"].append(c)
             samples["e"].append(e["seconds"])
             samples["e_touch"].append(e["with_touch_s"])
+            samples["e_cold_meta"].append(e["cold_meta_s"])
             samples["e_prebuilt"].append(e["with_prebuilt_skeleton_s"])
             details["e"].append(e)
             f, _ = run_phase(["--phase", "remote", "--size", ns.size, "--url", url, "--sha256", expected,
@@ -572,7 +636,9 @@ def main_bench(ns: argparse.Namespace) -> int:
 
     limit = pick(samples["d"], ns.stat, True)
     t_a, t_b, t_c = (pick(samples[k], ns.stat, False) for k in "abc")
-    t_e, t_e_touch, t_e_pre, t_f = (pick(samples[k], ns.stat, False) for k in ("e", "e_touch", "e_prebuilt", "f"))
+    t_e, t_e_touch, t_e_cold, t_e_pre, t_f = (
+        pick(samples[k], ns.stat, False) for k in ("e", "e_touch", "e_cold_meta", "e_prebuilt", "f")
+    )
     ours, st, dif, remote = gb / t_c, gb / t_a, gb / t_b, gb / t_f
     result = {
         "limit_gbps": limit,
@@ -592,6 +658,8 @@ def main_bench(ns: argparse.Namespace) -> int:
             "host_acquire_le_0.15s": t_e <= 0.15,
         },
         "host_acquire_with_touch_s": t_e_touch,
+        "host_acquire_skeleton_source": details["e"][0]["skeleton_source"] if details["e"] else "?",
+        "host_acquire_cold_meta_s": t_e_cold,
         "host_acquire_prebuilt_skeleton_s": t_e_pre,
         "size": ns.size,
         "bytes": nbytes,
@@ -631,8 +699,10 @@ def print_table(r: dict[str, Any]) -> None:
     for name, s, g in rows:
         print(f"{name:<48} {s:>8.3f} {(f'{g:.2f}' if g else '-'):>7}")
     ra, tg = r["ratios"], r["targets"]
-    print(f"(e) with every page touched: {r['host_acquire_with_touch_s']:.3f} s; "
-          f"with a meta skeleton built ahead: {r['host_acquire_prebuilt_skeleton_s']:.3f} s")  # fmt: skip
+    print(f"(e) skeleton from: {r['host_acquire_skeleton_source']}; with every page touched: "
+          f"{r['host_acquire_with_touch_s']:.3f} s; meta UNet built on the request path: "
+          f"{r['host_acquire_cold_meta_s']:.3f} s; plain meta UNet built ahead: "
+          f"{r['host_acquire_prebuilt_skeleton_s']:.3f} s")  # fmt: skip
     print(f"(c)/(d) = {ra['ours_over_limit']:.2f}  target >= 0.9  {'met' if tg['ours_ge_0.9_limit'] else 'NOT met'}")
     print(f"(c)/(a) = {ra['ours_over_safetensors']:.2f}  target >= 1.3  {'met' if tg['ours_ge_1.3_safetensors'] else 'NOT met'}")
     print(f"(a)/(e) = {ra['safetensors_s_over_host_acquire_s']:.1f}x  (e) = {r['host_acquire_s']:.3f} s, target <= 0.15 s  "

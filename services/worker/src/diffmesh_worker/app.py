@@ -39,6 +39,7 @@ from diffmesh_worker.registration import Registrar
 from diffmesh_worker.runner import DeviceSlot, Interrupted, denoise
 from diffmesh_worker.settings import WorkerSettings
 from diffmesh_worker.shm_mapping import SegmentMapper
+from diffmesh_worker.skeletons import SkeletonPool
 from diffmesh_worker.validation import Job, validate
 
 log = logging.getLogger("diffmesh_worker")
@@ -76,6 +77,10 @@ class WorkerApp:
         self.cache = DeviceCache(settings.cache_bytes or default_cache_bytes(self.device), settings.cache_max_components)
         self.slot = DeviceSlot(settings.max_queue)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{settings.worker_id}")
+        # Spare meta skeletons are rebuilt only while no request holds or waits for the device.
+        self.skeletons = SkeletonPool(
+            settings.skeleton_keys, is_idle=lambda: self.slot.running == 0 and self.slot.queue_length == 0
+        )
         self.registrar: Registrar | None = None
         self._loader: Loader | None = None
         self._channels: list[aio.Channel] = []
@@ -104,6 +109,7 @@ class WorkerApp:
             s.worker_id,
             self._report,
             s.acquire_timeout_seconds,
+            self.skeletons,
         )
         if s.coordinator:
             channel = open_channel(s.coordinator)
@@ -135,6 +141,7 @@ class WorkerApp:
             await channel.close()
         self._channels.clear()
         self.executor.shutdown(wait=True)
+        self.skeletons.close()
         self.mapper.forget_all()
 
     # --- residency ----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Build diffusers modules and pipelines from HOST-tier handles, zero-copy.
 
-Each module is constructed on the meta device from its inline JSON config, then given the
+Each module is constructed on the meta device from its inline JSON config (or taken ready
+from a :class:`~diffmesh_worker.skeletons.SkeletonPool` of spares built ahead), then given the
 shared-memory tensor views with ``load_state_dict(sd, assign=True, strict=True)``: on a CPU
 device with fp32 weights the parameters *are* the shared HOST copy (no bytes copied); on
 CUDA they are copied once to the device in fp16. The tokenizer comes from the inline
@@ -11,13 +12,12 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 from diffmesh.errors import DataLoss, FailedPrecondition
 from diffmesh.v1 import common_pb2, instance_manager_pb2
 from diffusers import (
@@ -36,6 +36,7 @@ from diffusers import schedulers as diffusers_schedulers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from diffmesh_worker.shm_mapping import SegmentMapper, file_state_dict
+from diffmesh_worker.skeletons import SkeletonPool, build_skeleton
 
 # model_index.json class names this worker knows how to build (never import arbitrary names).
 UNET_CLASSES = {"UNet2DConditionModel"}
@@ -152,15 +153,20 @@ def subfolder_state_dict(
 
 
 def build_module(
-    factory: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], placement: DevicePlacement, what: str
+    cls: type[torch.nn.Module],
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    placement: DevicePlacement,
+    what: str,
+    skeletons: SkeletonPool | None = None,
 ) -> torch.nn.Module:
-    """Builds ``factory()`` with parameters on the meta device, then assigns ``state`` to it.
+    """Builds ``cls`` from ``config`` with parameters on the meta device, then assigns ``state`` to it.
 
-    Buffers that are not in the state dict (e.g. CLIP's ``position_ids``) are created for
-    real by the constructor, hence ``include_buffers=False``.
+    The meta skeleton comes from ``skeletons`` (usually built ahead, off the request path)
+    or, without a pool, is built here. Buffers that are not in the state dict (e.g. CLIP's
+    ``position_ids``) are real in either case.
     """
-    with init_empty_weights(include_buffers=False):
-        module = factory()
+    module = skeletons.take(cls, config) if skeletons is not None else build_skeleton(cls, config)
     placed = {name: placement.place(t) for name, t in state.items()}
     try:
         module.load_state_dict(placed, strict=True, assign=True)
@@ -220,8 +226,13 @@ def build_tokenizer(configs: dict[str, bytes], component_id: str, max_positions:
     return tokenizer
 
 
-def build_base(mapper: SegmentMapper, handle: instance_manager_pb2.HostHandle, placement: DevicePlacement) -> BuiltBase:
-    """Builds UNet, VAE, text encoder, tokenizer and scheduler of a BASE handle."""
+def build_base(
+    mapper: SegmentMapper,
+    handle: instance_manager_pb2.HostHandle,
+    placement: DevicePlacement,
+    skeletons: SkeletonPool | None = None,
+) -> BuiltBase:
+    """Builds UNet, VAE, text encoder, tokenizer and scheduler of a BASE handle (skeletons from ``skeletons``)."""
     cid = handle.component_id
     if handle.kind != common_pb2.COMPONENT_KIND_BASE:
         raise FailedPrecondition(f"component {cid!r} is not a BASE model")
@@ -229,18 +240,16 @@ def build_base(mapper: SegmentMapper, handle: instance_manager_pb2.HostHandle, p
     _model_index(configs, cid)
     unet_cfg = _json(configs, "unet/config.json", cid)
     vae_cfg = _json(configs, "vae/config.json", cid)
-    te_cfg = CLIPTextConfig.from_dict(_json(configs, "text_encoder/config.json", cid))
+    te_raw = _json(configs, "text_encoder/config.json", cid)
+    te_cfg = CLIPTextConfig.from_dict(te_raw)
     sched_cfg = _json(configs, "scheduler/scheduler_config.json", cid)
 
     unet = build_module(
-        lambda: UNet2DConditionModel.from_config(unet_cfg), subfolder_state_dict(mapper, handle, "unet"), placement, f"{cid}/unet"
+        UNet2DConditionModel, unet_cfg, subfolder_state_dict(mapper, handle, "unet"), placement, f"{cid}/unet", skeletons
     )
-    vae = build_module(
-        lambda: AutoencoderKL.from_config(vae_cfg), subfolder_state_dict(mapper, handle, "vae"), placement, f"{cid}/vae"
-    )
-    text_encoder = build_module(
-        lambda: CLIPTextModel(te_cfg), subfolder_state_dict(mapper, handle, "text_encoder"), placement, f"{cid}/text_encoder"
-    )
+    vae = build_module(AutoencoderKL, vae_cfg, subfolder_state_dict(mapper, handle, "vae"), placement, f"{cid}/vae", skeletons)
+    te_state = subfolder_state_dict(mapper, handle, "text_encoder")
+    text_encoder = build_module(CLIPTextModel, te_raw, te_state, placement, f"{cid}/text_encoder", skeletons)
     tokenizer = build_tokenizer(configs, cid, int(te_cfg.max_position_embeddings))
     sched_cls = scheduler_class(sched_cfg, cid)
     scheduler = sched_cls.from_config(sched_cfg)
@@ -270,15 +279,18 @@ def build_base(mapper: SegmentMapper, handle: instance_manager_pb2.HostHandle, p
 
 
 def build_controlnet(
-    mapper: SegmentMapper, handle: instance_manager_pb2.HostHandle, placement: DevicePlacement
+    mapper: SegmentMapper,
+    handle: instance_manager_pb2.HostHandle,
+    placement: DevicePlacement,
+    skeletons: SkeletonPool | None = None,
 ) -> BuiltControlNet:
-    """Builds a ControlNet module from a CONTROLNET handle (a diffusers folder)."""
+    """Builds a ControlNet module from a CONTROLNET handle (a diffusers folder; skeleton from ``skeletons``)."""
     cid = handle.component_id
     if handle.kind != common_pb2.COMPONENT_KIND_CONTROLNET:
         raise FailedPrecondition(f"component {cid!r} is not a CONTROLNET")
     configs = configs_of(handle)
     cfg = _json(configs, "config.json", cid)
-    model = build_module(lambda: ControlNetModel.from_config(cfg), subfolder_state_dict(mapper, handle, ""), placement, cid)
+    model = build_module(ControlNetModel, cfg, subfolder_state_dict(mapper, handle, ""), placement, cid, skeletons)
     return BuiltControlNet(cid, handle.family, model, module_bytes(model))  # type: ignore[arg-type]
 
 

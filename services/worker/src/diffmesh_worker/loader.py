@@ -3,7 +3,8 @@
 Components already built on the device are used as they are (tier GPU). The others come
 ONLY from ``InstanceManager.Acquire`` (one call for all of them, holder = this worker):
 their HOST-tier handles are checked (kind, family against the base), mapped zero-copy
-and built in the device thread, base first, then ControlNets, then LoRA adapters. Each
+and built in the device thread, base first, then ControlNets, then LoRA adapters (their
+meta skeletons come from the worker's :class:`~diffmesh_worker.skeletons.SkeletonPool`). Each
 component gets a ``worker.load.component`` span, a ``ProgressLoading`` event and a
 ``ComponentLoad`` entry. New entries join the device cache (their residency is reported),
 and least recently used ones are evicted to make room (their leases released).
@@ -40,6 +41,7 @@ from diffmesh_worker.assemble import BuiltBase, BuiltControlNet, DevicePlacement
 from diffmesh_worker.device_cache import CacheEntry, DeviceCache, Lease, LoraWeights, Removed
 from diffmesh_worker.runner import Prepared
 from diffmesh_worker.shm_mapping import SegmentMapper
+from diffmesh_worker.skeletons import SkeletonPool
 from diffmesh_worker.validation import Job
 
 log = logging.getLogger("diffmesh_worker.loader")
@@ -81,6 +83,7 @@ class Loader:
         worker_id: str,
         report: Callable[[bool, list[tuple[str, int]]], None],
         acquire_timeout_s: float,
+        skeletons: SkeletonPool | None = None,
     ) -> None:
         self.im = im
         self.cache = cache
@@ -90,6 +93,7 @@ class Loader:
         self.worker_id = worker_id
         self.report = report
         self.acquire_timeout_s = acquire_timeout_s
+        self.skeletons = skeletons
 
     async def release_removed(self, removed: Removed) -> None:
         """Reports evicted components gone and releases leases no cached component needs."""
@@ -265,7 +269,8 @@ class Loader:
 
         # Base first: LoRAs load into it (or into the overlay built over it).
         if base_id in handles:
-            built_base: BuiltBase = await component(base_need, partial(build_base, self.mapper, handles[base_id], self.placement))
+            build = partial(build_base, self.mapper, handles[base_id], self.placement, self.skeletons)
+            built_base: BuiltBase = await component(base_need, build)
             add(base_id, common_pb2.COMPONENT_KIND_BASE, built_base.family, built_base.bytes, built_base)
         else:
             await component(base_need, None)
@@ -274,9 +279,8 @@ class Loader:
         base = base_entry.built
         if fused:
             if job.base_id in handles:
-                built_fused: BuiltBase = await component(
-                    needs[0], partial(overlay.build_fused, self.mapper, base, handles[job.base_id], self.placement)
-                )
+                fuse = partial(overlay.build_fused, self.mapper, base, handles[job.base_id], self.placement, self.skeletons)
+                built_fused: BuiltBase = await component(needs[0], fuse)
                 add(job.base_id, base_kind, base_family, built_fused.bytes, built_fused)
             else:
                 await component(needs[0], None)
@@ -291,7 +295,7 @@ class Loader:
             cid = need.component_id
             if cid in handles:
                 built_cn: BuiltControlNet = await component(
-                    need, partial(build_controlnet, self.mapper, handles[cid], self.placement)
+                    need, partial(build_controlnet, self.mapper, handles[cid], self.placement, self.skeletons)
                 )
                 add(cid, common_pb2.COMPONENT_KIND_CONTROLNET, base_family, built_cn.bytes, built_cn)
             else:

@@ -21,6 +21,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from diffmesh_worker.assemble import BuiltBase, DevicePlacement, build_module
 from diffmesh_worker.shm_mapping import SegmentMapper, file_state_dict
+from diffmesh_worker.skeletons import SkeletonPool
 
 
 def base_unet_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -33,7 +34,13 @@ def base_unet_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def fused_unet(mapper: SegmentMapper, base: BuiltBase, fused: instance_manager_pb2.HostHandle, placement: DevicePlacement) -> Any:
+def fused_unet(
+    mapper: SegmentMapper,
+    base: BuiltBase,
+    fused: instance_manager_pb2.HostHandle,
+    placement: DevicePlacement,
+    skeletons: SkeletonPool | None = None,
+) -> Any:
     """A UNet for ``fused`` (a FUSED handle of ``base``): the base's tensors with the overlay's swapped in as new tensors."""
     cid = fused.component_id
     if fused.kind != common_pb2.COMPONENT_KIND_FUSED:
@@ -53,11 +60,15 @@ def fused_unet(mapper: SegmentMapper, base: BuiltBase, fused: instance_manager_p
     # Overlay tensors are views of the overlay's own read-only HOST mapping (or device copies of them): never the base's.
     merged = {**state, **{name: placement.place(t) for name, t in overlay.items()}}
     config = dict(base.unet.config)
-    return build_module(lambda: UNet2DConditionModel.from_config(config), merged, placement, f"{cid}/unet")
+    return build_module(UNet2DConditionModel, config, merged, placement, f"{cid}/unet", skeletons)
 
 
 def build_fused(
-    mapper: SegmentMapper, base: BuiltBase, fused: instance_manager_pb2.HostHandle, placement: DevicePlacement
+    mapper: SegmentMapper,
+    base: BuiltBase,
+    fused: instance_manager_pb2.HostHandle,
+    placement: DevicePlacement,
+    skeletons: SkeletonPool | None = None,
 ) -> BuiltBase:
     """A FUSED overlay ready to denoise: :func:`fused_unet` plus the base's VAE, text encoder and tokenizer.
 
@@ -65,7 +76,7 @@ def build_fused(
     """
     if fused.family != base.family:
         raise FailedPrecondition(f"overlay {fused.component_id!r} is family {fused.family!r}, its base {base.family!r}")
-    unet = fused_unet(mapper, base, fused, placement)
+    unet = fused_unet(mapper, base, fused, placement, skeletons)
     host: Any = StableDiffusionPipeline(
         vae=base.vae,
         text_encoder=base.text_encoder,

@@ -38,6 +38,11 @@ class WorkerSettings(ServiceSettings):
         ge=0,
         description="CPU threads torch may use (set_num_threads); 0 = torch's default. Several CPU workers on one host: 1-2.",
     )
+    skeleton_keys: int = Field(
+        8,
+        ge=0,
+        description="Architectures (module class + config) given a spare meta skeleton built ahead for cold loads; 0 = none.",
+    )
     acquire_timeout_seconds: float = Field(300.0, gt=0, description="Deadline of an InstanceManager.Acquire call.")
     report_timeout_seconds: float = Field(
         5.0, gt=0, description="Deadline of coordinator calls (register, heartbeat, residency)."
