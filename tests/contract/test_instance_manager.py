@@ -496,7 +496,7 @@ def test_process_entry_point_serves_and_drains_on_sigterm(mesh: Mesh, tmp_path: 
 
 def test_remote_access_rules_that_the_catalog_cannot_express(tmp_path: Path) -> None:
     """URIs the coordinator already refuses at registration are refused by the IM as well."""
-    from diffmesh.errors import InvalidArgument, NotFound, PermissionDenied, Unimplemented
+    from diffmesh.errors import InvalidArgument, NotFound, PermissionDenied
     from diffmesh_instance_manager.remote import RemoteAccess
 
     _lora(tmp_path / "ok.safetensors", 1)
@@ -510,7 +510,7 @@ def test_remote_access_rules_that_the_catalog_cannot_express(tmp_path: Path) -> 
         (f"file://otherhost{tmp_path}/ok.safetensors", InvalidArgument),
         ("relative/ok.safetensors", InvalidArgument),
         ("https://example.com/ok.safetensors", PermissionDenied),
-        ("s3://bucket/ok.safetensors", Unimplemented),
+        ("s3://bucket/ok.safetensors", PermissionDenied),
         ("file:///etc/passwd", PermissionDenied),
         (f"file://{tmp_path}/missing.safetensors", NotFound),
     ]:

@@ -266,10 +266,3 @@ def test_bad_http_sources_are_refused(im: Im, web: Web, cid: str, code: grpc.Sta
     assert web.counts["/private/lora-p.safetensors"] == 0
     _release(im, _acquire(im, "http-lora").lease_id)
 
-
-def test_s3_stays_refused() -> None:
-    from diffmesh.errors import Unimplemented
-    from diffmesh_instance_manager.remote import RemoteAccess
-
-    with pytest.raises(Unimplemented, match="s3"):
-        RemoteAccess(["s3://bucket/"]).resolve("c", "s3://bucket/lora.safetensors")

@@ -15,7 +15,7 @@ from diffmesh_instance_manager.direct_io import DirectLoader
 from diffmesh_instance_manager.host import SegmentAllocator, remove_stale_segments
 from diffmesh_instance_manager.node_lock import NodeLock
 from diffmesh_instance_manager.pool import HostPool, remove_stale_pools
-from diffmesh_instance_manager.remote import RemoteAccess
+from diffmesh_instance_manager.remote import RemoteAccess, RemoteFetcher
 from diffmesh_instance_manager.reporter import CatalogClient, CoordinatorReporter, open_coordinator
 from diffmesh_instance_manager.settings import InstanceManagerSettings
 from diffmesh_instance_manager.size_classes import BLOCK_GRANULARITY, SizeClass, size_classes
@@ -91,6 +91,7 @@ class InstanceManagerApp:
             allocator=self.allocator,
             # Fused overlays this node derived live in SSD_DIR/derived: their REMOTE tier.
             remote=RemoteAccess([*s.allowed_roots, str(derived)]),
+            fetcher=RemoteFetcher(s3=s.s3_options()),
             lookup=self._lookup if s.coordinator else None,
             config_cap=s.config_max_bytes,
             retry_after_s=s.retry_after_seconds,

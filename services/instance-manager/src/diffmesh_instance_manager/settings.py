@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Annotated
 
 from diffmesh.settings import ServiceSettings
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
+
+from diffmesh_instance_manager.s3_fetch import S3Options
 
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -34,8 +36,18 @@ class InstanceManagerSettings(ServiceSettings):
     host_capacity_bytes: int = Field(0, ge=0, description="HOST (shared-memory) tier capacity; 0 = unbounded.")
     allowed_roots: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Directories (or `file://` prefixes) REMOTE may read; comma-separated or JSON. Empty refuses every URI.",
+        description="Directories (or `file://` prefixes), `http(s)://host[:port]/path/` and `s3://bucket/prefix/` prefixes "
+        "REMOTE may read; comma-separated or JSON. Empty refuses every URI.",
     )
+    s3_endpoint_url: str = Field(
+        "", description="S3 endpoint for `s3://` artifacts (MinIO, SeaweedFS, Ceph, R2…); empty: AWS S3 of `s3_region`."
+    )
+    s3_region: str = Field("", description="S3 region; empty: botocore's default (AWS_REGION, ~/.aws/config).")
+    s3_access_key_id: str = Field(
+        "", description="S3 access key; empty: the standard AWS credential chain (AWS_* variables, ~/.aws, instance role)."
+    )
+    s3_secret_access_key: SecretStr = Field(SecretStr(""), description="S3 secret key (with `s3_access_key_id`).")
+    s3_anonymous: bool = Field(False, description="Unsigned S3 requests (public buckets); no credentials are looked up.")
     config_max_bytes: int = Field(
         16 * 1024 * 1024, ge=0, description="Cap on a component's inline config files (JSON, tokenizer)."
     )
@@ -74,6 +86,22 @@ class InstanceManagerSettings(ServiceSettings):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _check_s3(self) -> InstanceManagerSettings:
+        if bool(self.s3_access_key_id) != bool(self.s3_secret_access_key.get_secret_value()):
+            raise ValueError("s3_access_key_id and s3_secret_access_key are set together (or neither: the AWS chain)")
+        return self
+
+    def s3_options(self) -> S3Options:
+        """How the ``s3://`` fetcher reaches S3."""
+        return S3Options(
+            endpoint_url=self.s3_endpoint_url,
+            region=self.s3_region,
+            access_key_id=self.s3_access_key_id,
+            secret_access_key=self.s3_secret_access_key.get_secret_value(),
+            anonymous=self.s3_anonymous,
+        )
 
     def ssd_path(self) -> Path:
         """The SSD cache directory to use."""

@@ -51,7 +51,7 @@ from diffmesh_instance_manager.host import (
 )
 from diffmesh_instance_manager.leases import Lease, LeaseTable
 from diffmesh_instance_manager.pool import HostPool, PoolBlock, PoolExhausted
-from diffmesh_instance_manager.remote import Fetcher, FileFetcher, RemoteAccess
+from diffmesh_instance_manager.remote import Fetcher, RemoteAccess, RemoteFetcher
 from diffmesh_instance_manager.ssd import SsdCache, SsdEntry, entry_name
 
 log = logging.getLogger("diffmesh.im.store")
@@ -126,7 +126,7 @@ class ComponentStore:
         self.allocator = allocator
         self.remote = remote
         self.lookup = lookup
-        self.fetcher: Fetcher = fetcher or FileFetcher()
+        self.fetcher: Fetcher = fetcher or RemoteFetcher()
         self.loader: FileLoader = loader or BufferedLoader()
         self.pool: HostPool | None = allocator if isinstance(allocator, HostPool) else None
         self.pinned: set[str] = set(pinned or ())

@@ -1,0 +1,138 @@
+"""Streaming an object-store or web artifact to the SSD tier in byte ranges, with resume and sha256.
+
+The shared half of the ``http(s)://`` and ``s3://`` fetchers: a file is read in
+``chunk``-byte ranges; a range that fails (connection closed mid-body, short body, 5xx)
+is retried from its start up to ``retries`` times, then the fetch fails with UNAVAILABLE
+and the caller deletes the partial copy, so nothing is published. A folder is listed by
+the scheme, checked (no pickle checkpoints, no ``..``, at most :data:`MAX_FILES` files;
+hidden files skipped, as the catalog digest skips them) and copied file by file. The
+digest is compared with the catalog's once everything is on disk.
+
+Scheme fetchers implement :meth:`RangedFetcher.size`, :meth:`RangedFetcher.read_range`
+and :meth:`RangedFetcher.list_folder`; they raise ``FileNotFoundError`` for a missing
+object and ``PermissionError`` for a refused one, or a diffmesh error directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from diffmesh.artifacts import folder_digest_from, is_pickle_path
+from diffmesh.errors import DiffmeshError, InvalidArgument, NotFound, PermissionDenied, Unavailable
+
+from diffmesh_instance_manager.remote import Source, check_digest, fsync_dir
+
+DEFAULT_CHUNK = 8 * 1024 * 1024
+DEFAULT_RETRIES = 3
+MAX_FILES = 10_000
+
+
+class RangedFetcher(ABC):
+    """A :class:`~diffmesh_instance_manager.remote.Fetcher` for URL sources read in ranges."""
+
+    #: Shown in errors: ``"HTTP"``, ``"S3"``.
+    label = "remote"
+
+    def __init__(self, chunk: int = DEFAULT_CHUNK, retries: int = DEFAULT_RETRIES) -> None:
+        self.chunk = chunk
+        self.retries = retries
+
+    # ---- per scheme ------------------------------------------------------------------
+
+    @abstractmethod
+    def size(self, what: str, url: str) -> int:
+        """The object's size in bytes (blocking)."""
+
+    @abstractmethod
+    def read_range(self, url: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the object (blocking; may return fewer on a short body)."""
+
+    @abstractmethod
+    def list_folder(self, source: Source, base: str) -> list[str]:
+        """Relative paths of every object under the folder URL ``base`` (ends with ``/``)."""
+
+    # ---- shared --------------------------------------------------------------------------
+
+    def fetch(self, source: Source, expected_sha256: str, dest: Path) -> int:
+        """Streams ``source.url`` (a file, or every file under a folder URL) to ``dest`` and checks the digest."""
+        if source.is_dir:
+            base = source.url if source.url.endswith("/") else source.url + "/"
+            files = self._checked(source, self.list_folder(source, base))
+            if not files:
+                raise NotFound("artifact", source.uri)
+            dest.mkdir(parents=True)
+            entries: list[tuple[str, str]] = []
+            total = 0
+            dirs = {dest}
+            for rel in files:
+                out = dest / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                dirs.add(out.parent)
+                digest, size = self._get(source, base + rel, out)
+                entries.append((rel, digest))
+                total += size
+            for d in dirs:
+                fsync_dir(d)
+            got = folder_digest_from(entries)
+        else:
+            got, total = self._get(source, source.url, dest)
+        check_digest(source, expected_sha256, got)
+        return total
+
+    def _checked(self, source: Source, files: list[str]) -> list[str]:
+        what = f"component {source.component_id!r}"
+        out: set[str] = set()
+        for rel in files:
+            parts = rel.split("/")
+            if not rel or ".." in parts or "" in parts or any(p.startswith(".") for p in parts):
+                continue  # not part of the artifact: hidden, empty or escaping names
+            if is_pickle_path(rel):
+                raise InvalidArgument(
+                    "uri", f"{what}: folder {source.uri!r} contains pickle checkpoint {rel!r}; only safetensors are loaded"
+                )
+            out.add(rel)
+            if len(out) > MAX_FILES:
+                raise InvalidArgument("uri", f"{what}: folder {source.uri!r} holds more than {MAX_FILES} files")
+        return sorted(out)
+
+    def _get(self, source: Source, url: str, dest: Path) -> tuple[str, int]:
+        what = f"component {source.component_id!r}"
+        size = self.size(what, url)
+        h = hashlib.sha256()
+        with open(dest, "wb") as fout:
+            pos = 0
+            while pos < size:
+                end = min(size, pos + self.chunk)
+                data = self._range(what, url, pos, end)
+                h.update(data)
+                fout.write(data)
+                pos = end
+            fout.flush()
+            os.fsync(fout.fileno())
+        return h.hexdigest(), size
+
+    def _range(self, what: str, url: str, start: int, end: int) -> bytes:
+        last: BaseException | None = None
+        for _ in range(self.retries):
+            try:
+                data = self.read_range(url, start, end)
+            except DiffmeshError:
+                raise
+            except FileNotFoundError:
+                raise NotFound("artifact", url) from None
+            except PermissionError as exc:
+                raise PermissionDenied(f"{what}: {self.label} refused reading {url}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - retried: connection dropped, short body, 5xx
+                last = exc
+                continue
+            if len(data) == end - start:
+                return bytes(data)
+            if len(data) > end - start:
+                raise Unavailable(f"{what}: {url} ignores range requests (answered {len(data)} bytes for {end - start})")
+            last = OSError(f"short body: {len(data)} of {end - start} bytes")
+        raise Unavailable(
+            f"{what}: fetching bytes {start}-{end} of {url} failed {self.retries} times ({last}); nothing was published"
+        )
