@@ -492,6 +492,37 @@ def test_record_requests_appends_to_the_stream_and_counts(stub: Stub, server: Se
         db.close()
 
 
+def test_component_popularity_ranks_recorded_requests(redis_url: str) -> None:
+    thread = ServerThread(CoordinatorApp(_settings(redis_url)))
+    channel = grpc.insecure_channel(thread.address)
+    try:
+        stub = coordinator_pb2_grpc.CacheCoordinatorServiceStub(channel)
+        empty = stub.GetComponentPopularity(coordinator_pb2.GetComponentPopularityRequest(), timeout=10)
+        assert list(empty.components) == []
+        uses = [["pop-base"], ["pop-base", "pop-a"], ["pop-base", "pop-b"], ["pop-base", "pop-a"], ["pop-c"], ["pop-c"]]
+        records = [
+            coordinator_pb2.RequestRecord(request_id=f"p{i}", pipeline_key="|".join(ids) + "||", component_ids=ids)
+            for i, ids in enumerate(uses)
+        ]
+        stub.RecordRequests(coordinator_pb2.RecordRequestsRequest(records=records), timeout=10)
+        resp = stub.GetComponentPopularity(coordinator_pb2.GetComponentPopularityRequest(), timeout=10)
+        ranked = [(c.component_id, c.requests) for c in resp.components]
+        assert ranked == [("pop-base", 4.0), ("pop-a", 2.0), ("pop-c", 2.0), ("pop-b", 1.0)]  # ties by id
+        top = stub.GetComponentPopularity(coordinator_pb2.GetComponentPopularityRequest(limit=1), timeout=10)
+        assert [c.component_id for c in top.components] == ["pop-base"]
+        for limit in (-1, 100_001):
+            _fails(
+                stub,
+                stub.GetComponentPopularity,
+                coordinator_pb2.GetComponentPopularityRequest(limit=limit),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "limit",
+            )
+    finally:
+        channel.close()
+        thread.stop()
+
+
 # ------------------------------------------------------------------ catalog manifest at start
 
 

@@ -7,13 +7,17 @@ from __future__ import annotations
 import json
 import struct
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
 import pytest
 from diffmesh.errors import retry_after_ms
-from diffmesh.v1 import common_pb2, coordinator_pb2, instance_manager_pb2
+from diffmesh.server import ServerThread
+from diffmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, instance_manager_pb2
+from diffmesh_coordinator.app import CoordinatorApp
+from diffmesh_coordinator.settings import CoordinatorSettings
 from diffmesh_instance_manager.host import list_segments
 from diffmesh_instance_manager.pool import list_pools
 
@@ -209,3 +213,42 @@ def test_corrupt_safetensors_are_refused_and_the_service_keeps_serving(pool_im: 
     assert _state(stats, cid) is None or _state(stats, cid).tier == SSD  # type: ignore[union-attr]
     assert all(c.used == 0 for c in stats.pool_classes)  # no block was kept
     _release(pool_im, _acquire(pool_im, "pool-0").lease_id)
+
+
+def test_pool_size_classes_follow_the_request_shares_recorded_at_the_coordinator(redis_url: str, tmp_path: Path) -> None:
+    """Two tiny LoRAs and one 3.2 MB LoRA, k=2, a 24 MiB pool: classes of 2 and 4 MiB blocks.
+
+    Equal weights (no requests yet) split the pool 12/12 MiB: 6 small and 3 large blocks.
+    After 50 recorded requests of the large one its weight is 0.9 + 0.1/3 (the prior keeps
+    every component some share), so the split is ∝ (0.067 x 2, 0.933 x 4): 5 large blocks,
+    and the small class its floor of one block plus the 2 MiB left over.
+    """
+    coordinator = ServerThread(CoordinatorApp(CoordinatorSettings(redis_url=redis_url, namespace=f"imw{uuid.uuid4().hex[:8]}:")))
+    channel = grpc.insecure_channel(coordinator.address)
+    stub = coordinator_pb2_grpc.CacheCoordinatorServiceStub(channel)
+    try:
+        paths = {f"w-small-{i}": _lora(tmp_path / f"s{i}.safetensors", 200 + i) for i in range(2)}
+        paths["w-large"] = _lora(tmp_path / "large.safetensors", 210, rows=100_000)
+        for cid, path in paths.items():
+            _register(stub, cid, LORA, path.as_uri(), path)
+        catalog = Mesh(coordinator, stub, tmp_path, tmp_path, paths)
+
+        def classes() -> list[tuple[int, int]]:
+            im, im_channel = _start_im(catalog, tmp_path / "ssd", host_capacity_bytes=24 * MIB, pool_classes=2)
+            try:
+                assert _release(im, _acquire(im, "w-large").lease_id) == 1  # the large block class serves
+                return [(c.block_size, c.blocks) for c in _stats(im).pool_classes]
+            finally:
+                im_channel.close()
+                im.thread.stop()
+
+        assert classes() == [(2 * MIB, 6), (4 * MIB, 3)]
+        records = [
+            coordinator_pb2.RequestRecord(request_id=f"w{i}", pipeline_key="w-large||", component_ids=["w-large"])
+            for i in range(50)
+        ]
+        stub.RecordRequests(coordinator_pb2.RecordRequestsRequest(records=records), timeout=10)
+        assert classes() == [(2 * MIB, 2), (4 * MIB, 5)]
+    finally:
+        channel.close()
+        coordinator.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from diffmesh_instance_manager.size_classes import BLOCK_GRANULARITY, SizeClass, round_up, size_classes
+from diffmesh_instance_manager.size_classes import BLOCK_GRANULARITY, SizeClass, request_share_weights, round_up, size_classes
 
 MiB = 1024 * 1024
 
@@ -89,3 +89,26 @@ def test_all_zero_weights_mean_equal_weights() -> None:
 def test_bad_input(sizes: list[int], weights: list[float] | None, k: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         size_classes(sizes, weights, k=k)
+
+
+def test_request_share_weights_blend_the_share_with_an_even_prior() -> None:
+    # Shares 3/4, 1/4, 0 of 4 requests; 10 % spread evenly over the three components.
+    assert request_share_weights([3, 1, 0]) == pytest.approx([0.9 * 0.75 + 0.1 / 3, 0.9 * 0.25 + 0.1 / 3, 0.1 / 3])
+    assert sum(request_share_weights([5, 0, 2, 9])) == pytest.approx(1.0)
+    assert request_share_weights([0, 0]) == [0.5, 0.5]  # nothing recorded yet: equal
+    assert request_share_weights([]) == []
+    assert request_share_weights([1, 0], prior=0.0) == [1.0, 0.0]
+    for bad, prior in (([-1.0], 0.1), ([math.inf], 0.1), ([1.0], 1.5)):
+        with pytest.raises(ValueError):
+            request_share_weights(bad, prior=prior)
+
+
+def test_request_shares_move_pool_capacity_to_the_hot_class() -> None:
+    from diffmesh_instance_manager.pool import plan_slabs
+
+    sizes = [1000, 1000, 3_200_300]
+    equal = size_classes(sizes, None, k=2)
+    hot = size_classes(sizes, request_share_weights([0, 0, 50]), k=2)
+    assert [c.block_size for c in equal] == [c.block_size for c in hot] == [2 * MiB, 4 * MiB]
+    assert plan_slabs(24 * MiB, equal) == [6, 3]
+    assert plan_slabs(24 * MiB, hot) == [2, 5]

@@ -25,6 +25,10 @@ class PopularityCounter(Protocol):
         """Queues the Redis writes for ``records`` on the transaction pipeline ``pipe``."""
         ...
 
+    async def component_counts(self, redis: Any, keys: KeyLayout, limit: int) -> list[tuple[str, float]]:
+        """The ``limit`` most requested components and their counts, most requested first, ties by id."""
+        ...
+
 
 class PlainCounts:
     """Undecayed request counts: ``pop:components`` and ``pop:pipelines`` sorted sets."""
@@ -37,3 +41,9 @@ class PlainCounts:
             pipe.zincrby(keys.pipeline_popularity, n, key)
         for cid, n in sorted(components.items()):
             pipe.zincrby(keys.component_popularity, n, cid)
+
+    async def component_counts(self, redis: Any, keys: KeyLayout, limit: int) -> list[tuple[str, float]]:
+        """Reads ``pop:components`` (``ZRANGE … REV WITHSCORES``), then orders ties by id."""
+        rows = await redis.zrange(keys.component_popularity, 0, limit - 1, desc=True, withscores=True)
+        out = [(m.decode() if isinstance(m, bytes) else str(m), float(score)) for m, score in rows]
+        return sorted(out, key=lambda row: (-row[1], row[0]))

@@ -25,6 +25,8 @@ MAX_RECORDS = 10_000
 MAX_UPDATES = 100_000
 MAX_PIPELINE_KEY_CHARS = 4096
 MAX_NUM_IMAGES = 8
+DEFAULT_POPULARITY_LIMIT = 10_000
+MAX_POPULARITY_LIMIT = 100_000
 
 # The instance manager reports its SSD and HOST tiers; a worker reports its GPU tier.
 NODE_TIERS = (common_pb2.TIER_SSD, common_pb2.TIER_HOST)
@@ -185,3 +187,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CacheCoordinatorServiceServicer):
             if r.task not in common_pb2.Task.values():
                 raise InvalidArgument(f"records[{i}].task", f"unknown value {r.task}")
         return coordinator_pb2.RecordRequestsResponse(recorded=await self.store.record_requests(request.records))
+
+    async def GetComponentPopularity(
+        self, request: coordinator_pb2.GetComponentPopularityRequest, context: aio.ServicerContext
+    ) -> coordinator_pb2.GetComponentPopularityResponse:
+        limit = request.limit or DEFAULT_POPULARITY_LIMIT
+        if not 1 <= limit <= MAX_POPULARITY_LIMIT:
+            bounds = f"1-{MAX_POPULARITY_LIMIT} (0 = {DEFAULT_POPULARITY_LIMIT})"
+            raise InvalidArgument("limit", f"must be within {bounds}, got {limit}")
+        counts = await self.store.component_popularity(limit)
+        return coordinator_pb2.GetComponentPopularityResponse(
+            components=[coordinator_pb2.ComponentPopularity(component_id=cid, requests=n) for cid, n in counts]
+        )

@@ -424,6 +424,11 @@ class CoordinatorStore:
         return len(records)
 
 
+    async def component_popularity(self, limit: int) -> list[tuple[str, float]]:
+        """The ``limit`` most requested components with their counts, most requested first (ties by id)."""
+        return await self.popularity.component_counts(self.redis, self.keys, limit)
+
+
 def _to_json(message: Any) -> str:
     return json_format.MessageToJson(message, preserving_proto_field_name=True, indent=None)
 

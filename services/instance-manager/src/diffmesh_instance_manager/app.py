@@ -18,7 +18,7 @@ from diffmesh_instance_manager.pool import HostPool, remove_stale_pools
 from diffmesh_instance_manager.remote import RemoteAccess, RemoteFetcher
 from diffmesh_instance_manager.reporter import CatalogClient, CoordinatorReporter, open_coordinator
 from diffmesh_instance_manager.settings import InstanceManagerSettings
-from diffmesh_instance_manager.size_classes import BLOCK_GRANULARITY, SizeClass, size_classes
+from diffmesh_instance_manager.size_classes import BLOCK_GRANULARITY, SizeClass, request_share_weights, size_classes
 from diffmesh_instance_manager.ssd import SsdCache
 from diffmesh_instance_manager.store import ComponentStore
 
@@ -110,19 +110,32 @@ class InstanceManagerApp:
         return await self.catalog.register(component)
 
     async def _pool_classes(self) -> list[SizeClass]:
-        """Size classes from the catalog's component sizes (equal weights: request shares are not known here)."""
+        """Size classes from the catalog's component sizes, weighted by each component's share of recorded requests."""
         s = self.settings
         sizes: list[int] = []
+        requests: list[float] = []
         if self.catalog is not None:
             try:
-                sizes = [c.bytes for c in await self.catalog.list_all() if c.bytes > 0]
+                components = [c for c in await self.catalog.list_all() if c.bytes > 0]
+                sizes = [c.bytes for c in components]
             except aio.AioRpcError as exc:
                 log.warning("catalog unavailable for HOST size classes", extra={"code": exc.code().name})
+            if sizes:
+                try:
+                    counts = await self.catalog.component_requests()
+                    requests = [counts.get(c.id, 0.0) for c in components]
+                except aio.AioRpcError as exc:
+                    log.warning("request counts unavailable: equal size-class weights", extra={"code": exc.code().name})
         if not sizes:
             # No catalog: one class of a quarter of the pool (at least one 2 MiB block).
             quarter = s.host_capacity_bytes // 4 // BLOCK_GRANULARITY * BLOCK_GRANULARITY
             return [SizeClass(max(BLOCK_GRANULARITY, quarter), 1.0, 0, 0.0)]
-        return size_classes(sizes, None, k=s.pool_classes)
+        weights = request_share_weights(requests) if requests else None
+        log.info(
+            "HOST size classes from the catalog",
+            extra={"components": len(sizes), "requests": int(sum(requests)), "weights": "request share" if weights else "equal"},
+        )
+        return size_classes(sizes, weights, k=s.pool_classes)
 
     async def _start_pool(self) -> None:
         s = self.settings

@@ -63,6 +63,13 @@ class CatalogClient:
                 break
         return out
 
+    async def component_requests(self) -> dict[str, float]:
+        """Recorded requests per component (the coordinator's popularity counts)."""
+        resp = await self._stub.GetComponentPopularity(
+            coordinator_pb2.GetComponentPopularityRequest(limit=100_000), timeout=RPC_TIMEOUT_S
+        )
+        return {c.component_id: c.requests for c in resp.components}
+
     async def live_workers(self, node_id: str) -> set[str]:
         """Ids of this node's workers whose coordinator lease is current."""
         resp = await self._stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=RPC_TIMEOUT_S)

@@ -37,6 +37,32 @@ class SizeClass:
     """Weighted mean size of the cluster's members."""
 
 
+#: Share of every class weight spread evenly over the catalog, so components nobody has
+#: requested yet (a new base, a cold start) still get pool blocks.
+DEFAULT_PRIOR = 0.1
+
+
+def request_share_weights(requests: Sequence[float], prior: float = DEFAULT_PRIOR) -> list[float]:
+    """Weights for :func:`size_classes` from each component's recorded requests.
+
+    ``(1 - prior) x`` the component's share of all requests ``+ prior / n``; with no
+    requests at all, equal weights. Raises ``ValueError`` for a negative or non-finite
+    count or a ``prior`` outside [0, 1].
+    """
+    if not 0.0 <= prior <= 1.0:
+        raise ValueError(f"prior must be within [0, 1], got {prior}")
+    for r in requests:
+        if not math.isfinite(r) or r < 0:
+            raise ValueError(f"request count must be finite and >= 0, got {r}")
+    n = len(requests)
+    total = float(sum(requests))
+    if n == 0:
+        return []
+    if total <= 0:
+        return [1.0 / n] * n
+    return [(1.0 - prior) * r / total + prior / n for r in requests]
+
+
 def round_up(n: int, granularity: int = BLOCK_GRANULARITY) -> int:
     """``n`` rounded up to a positive multiple of ``granularity``."""
     return max(1, -(-n // granularity)) * granularity
