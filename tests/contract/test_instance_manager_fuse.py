@@ -187,3 +187,109 @@ def test_worker_runs_the_overlay_without_touching_the_base(im: Im, demo_mesh: Me
     mapper.forget_all()
     for lease in (fused.lease_id, acq.lease_id):
         im.stub.Release(instance_manager_pb2.ReleaseRequest(lease_id=lease))
+
+
+def _overlay_bytes(handle: instance_manager_pb2.HostHandle) -> bytes:
+    (shm_file,) = handle.files
+    return Path("/dev/shm", shm_file.segment).read_bytes()[shm_file.offset : shm_file.offset + shm_file.length]
+
+
+def test_the_overlay_is_an_ssd_copy_bounded_like_any_other(im: Im) -> None:
+    resp = _fuse(im, [("lora-neon", 0.25)])
+    rec = resp.component
+    ssd_dir = im.app.settings.ssd_path()
+    path = Path(rec.uri.removeprefix("file://"))
+    assert path.parent == ssd_dir / "objects" and path.stat().st_size == rec.bytes  # one copy, in the SSD tier
+    assert not (ssd_dir / "derived").exists()
+    entry = im.app.store.ssd_entries[rec.id]
+    assert entry.kind == common_pb2.COMPONENT_KIND_FUSED and entry.sha256 == rec.sha256
+    ssd = next(t for t in _stats(im).tiers if t.tier == common_pb2.TIER_SSD)
+    assert ssd.used_bytes == sum(e.bytes for e in im.app.store.ssd_entries.values()) >= rec.bytes
+    assert list((ssd_dir / "tmp").iterdir()) == []
+
+
+def test_another_node_derives_a_registered_overlay_again(im: Im, demo_mesh: Mesh, tmp_path: Path) -> None:
+    first = _fuse(im, [("lora-ink", 0.4), ("lora-sketch", 0.9)])
+    other, channel = _start_im(demo_mesh, tmp_path / "other-ssd", host_capacity_bytes=64 * MIB)
+    try:
+        acq = other.stub.Acquire(
+            instance_manager_pb2.AcquireRequest(component_ids=[first.component.id], holder="w-other"), timeout=120
+        )
+        handle = acq.handles[0]
+        assert handle.source_tier == common_pb2.TIER_REMOTE and handle.kind == common_pb2.COMPONENT_KIND_FUSED
+        assert _overlay_bytes(handle) == _overlay_bytes(first.handle)  # bit-identical to where it was fused
+        entry = other.app.store.ssd_entries[first.component.id]
+        assert entry.sha256 == first.component.sha256
+        other.stub.Release(instance_manager_pb2.ReleaseRequest(lease_id=acq.lease_id))
+    finally:
+        channel.close()
+        other.thread.stop()
+
+
+def _register_fused(demo_mesh: Mesh, cid: str, sha256: str, labels: dict[str, str]) -> None:
+    demo_mesh.stub.RegisterComponent(
+        coordinator_pb2.RegisterComponentRequest(
+            component=common_pb2.Component(
+                id=cid,
+                kind=common_pb2.COMPONENT_KIND_FUSED,
+                family="sd15",
+                uri=f"file:///nowhere/{cid}.safetensors",
+                bytes=1,
+                sha256=sha256,
+                base_id=BASE_ID,
+                labels=labels,
+            )
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("labels", "code", "needle"),
+    [
+        ({"diffmesh.loras": json.dumps([{"id": "lora-ink", "scale": 0.6}])}, grpc.StatusCode.DATA_LOSS, "derived again"),
+        ({}, grpc.StatusCode.FAILED_PRECONDITION, "cannot be derived"),
+        ({"diffmesh.loras": "not json"}, grpc.StatusCode.FAILED_PRECONDITION, "cannot be derived"),
+    ],
+)
+def test_an_overlay_that_cannot_be_derived_as_registered_is_refused(
+    im: Im, demo_mesh: Mesh, labels: dict[str, str], code: grpc.StatusCode, needle: str
+) -> None:
+    cid = f"fused-bad-{uuid.uuid4().hex[:8]}"
+    _register_fused(demo_mesh, cid, "0" * 64, labels)
+    err = _error(lambda: im.stub.Acquire(instance_manager_pb2.AcquireRequest(component_ids=[cid], holder="w"), timeout=120))
+    assert err.code() == code, err.details()
+    assert needle in (err.details() or "")
+    assert cid not in im.app.store.ssd_entries and _state(_stats(im), cid) is None
+    assert list((im.app.settings.ssd_path() / "tmp").iterdir()) == []
+    assert _fuse(im, [("lora-sketch", 0.3)]).component.kind == common_pb2.COMPONENT_KIND_FUSED  # still serving
+
+
+def test_fuse_into_a_full_ssd_tier_is_resource_exhausted_and_publishes_nothing(demo_mesh: Mesh, tmp_path: Path) -> None:
+    from diffmesh.errors import retry_after_ms
+
+    inputs = [BASE_ID, "lora-pastel"]
+    sizes = {
+        c.id: c.bytes
+        for c in demo_mesh.stub.ListComponents(coordinator_pb2.ListComponentsRequest(page_size=1000)).components
+        if c.id in inputs
+    }
+    # Room for the pinned inputs and nothing more: the overlay cannot be given space.
+    tight, channel = _start_im(
+        demo_mesh,
+        tmp_path / "ssd",
+        ssd_capacity_bytes=sum(sizes.values()) + 1024,
+        pinned_components=inputs,
+    )
+    try:
+        err = _error(lambda: _fuse(tight, [("lora-pastel", 0.5)], fused_id="fused-no-room"))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+        assert "SSD tier full" in (err.details() or "") and (retry_after_ms(err) or 0) > 0
+        assert "fused-no-room" not in tight.app.store.ssd_entries
+        assert list((tmp_path / "ssd" / "tmp").iterdir()) == []
+        with pytest.raises(grpc.RpcError):
+            demo_mesh.stub.GetComponent(coordinator_pb2.GetComponentRequest(id="fused-no-room"))  # never registered
+        lease = tight.stub.Acquire(instance_manager_pb2.AcquireRequest(component_ids=["lora-pastel"], holder="w"))
+        tight.stub.Release(instance_manager_pb2.ReleaseRequest(lease_id=lease.lease_id))
+    finally:
+        channel.close()
+        tight.thread.stop()

@@ -174,3 +174,25 @@ def test_overlay_matches_diffusers_fuse_lora(demo_models: Path, tmp_path: Path) 
     save_overlay(path, overlay, overlay_metadata("sd15-tiny-a", [(p.stem, s) for p, s in loras]))
     reloaded = load_file(str(path))
     assert all(torch.equal(reloaded[k], overlay[k]) for k in overlay)
+
+
+def test_save_overlay_writes_the_same_bytes_for_the_same_tensors(tmp_path: Path) -> None:
+    from diffmesh_instance_manager.fusion import save_overlay
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "up.w": torch.randn(3, 4, generator=g).half(),
+        "down.w": torch.randn(5, generator=g).to(torch.bfloat16),
+        "mid.b": torch.randn(2, 2, generator=g),
+    }
+    save_overlay(tmp_path / "a.safetensors", tensors, {"z": "1", "a": "2", "m": "3"})
+    save_overlay(tmp_path / "b.safetensors", dict(reversed(list(tensors.items()))), {"m": "3", "a": "2", "z": "1"})
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    assert raw == (tmp_path / "b.safetensors").read_bytes()
+    assert int.from_bytes(raw[:8], "little") % 8 == 0  # header padded for aligned tensor data
+    back = load_file(str(tmp_path / "a.safetensors"))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        assert f.metadata() == {"a": "2", "m": "3", "z": "1"}

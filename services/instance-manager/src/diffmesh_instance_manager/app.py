@@ -83,14 +83,12 @@ class InstanceManagerApp:
 
     def _build_store(self) -> ComponentStore:
         s = self.settings
-        derived = s.ssd_path() / "derived"
         return ComponentStore(
             ssd=SsdCache(s.ssd_path()),
             ssd_capacity=s.ssd_capacity_bytes,
             host_capacity=s.host_capacity_bytes,
             allocator=self.allocator,
-            # Fused overlays this node derived live in SSD_DIR/derived: their REMOTE tier.
-            remote=RemoteAccess([*s.allowed_roots, str(derived)]),
+            remote=RemoteAccess(s.allowed_roots),
             fetcher=RemoteFetcher(s3=s.s3_options()),
             lookup=self._lookup if s.coordinator else None,
             config_cap=s.config_max_bytes,
@@ -98,7 +96,6 @@ class InstanceManagerApp:
             pinned=set(s.pinned_components),
             lease_ttl_s=s.lease_ttl_seconds,
             register=self._register if s.coordinator else None,
-            derived_dir=derived,
         )
 
     async def _lookup(self, component_id: str) -> common_pb2.Component:

@@ -178,7 +178,32 @@ def overlay_metadata(base_id: str, loras: Sequence[tuple[str, float]]) -> dict[s
 
 
 def save_overlay(path: Path, overlay: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Writes the overlay as a safetensors file with ``metadata`` as ``__metadata__``."""
-    from safetensors.torch import save_file
+    """Writes the overlay as a safetensors file with ``metadata`` as ``__metadata__``, byte for byte reproducibly.
 
-    save_file(dict(overlay), str(path), metadata=dict(metadata))
+    The same tensors and metadata always give the same bytes (tensors by name, header keys
+    sorted, the header padded with spaces to 8 bytes as the format recommends), so an
+    overlay derived again — after eviction, or on another node — can be checked against
+    its catalog sha256. (``safetensors.save_file`` orders ``__metadata__`` by a per-process
+    hash, so two runs give different bytes.)
+    """
+    from diffmesh.safetensors_header import TORCH_DTYPE_NAMES
+
+    names = {getattr(torch, attr): name for name, attr in TORCH_DTYPE_NAMES.items() if hasattr(torch, attr)}
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs: list[bytes] = []
+    offset = 0
+    for name in sorted(overlay):
+        tensor = overlay[name].detach().to("cpu").contiguous()
+        if tensor.dtype not in names:
+            raise InvalidArgument("overlay", f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for data in blobs:
+            f.write(data)

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffmesh.artifacts import artifact_bytes, artifact_sha256
+from diffmesh.artifacts import TENSOR_SUFFIX, artifact_bytes, artifact_sha256
 from diffmesh.catalog import check_id
-from diffmesh.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from diffmesh.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from diffmesh.pipeline_key import SCALE_DECIMALS, canonical_key
 from diffmesh.telemetry import tracer
 from diffmesh.v1 import common_pb2, coordinator_pb2, instance_manager_pb2
@@ -58,6 +58,7 @@ log = logging.getLogger("diffmesh.im.store")
 _tracer = tracer("diffmesh.instance_manager")
 
 SSD = common_pb2.TIER_SSD
+FUSED = common_pb2.COMPONENT_KIND_FUSED
 HOST = common_pb2.TIER_HOST
 REMOTE = common_pb2.TIER_REMOTE
 MAX_IDS = 16
@@ -118,7 +119,6 @@ class ComponentStore:
         pinned: set[str] | None = None,
         lease_ttl_s: float = 0.0,
         register: RecordRegister | None = None,
-        derived_dir: Path | None = None,
     ) -> None:
         self.ssd = ssd
         self.ssd_capacity = ssd_capacity
@@ -136,7 +136,6 @@ class ComponentStore:
         self.config_cap = config_cap
         self.retry_after_s = retry_after_s
         self.register = register
-        self.derived_dir = derived_dir or ssd.root / "derived"
         self.ssd_entries: dict[str, SsdEntry] = {}
         self.host_entries: dict[str, HostEntry] = {}
         self.leases = LeaseTable(lease_ttl_s)
@@ -168,7 +167,6 @@ class ComponentStore:
     async def open(self) -> None:
         """Loads the SSD index (the SSD tier survives restarts)."""
         self.ssd_entries = await asyncio.to_thread(self.ssd.open)
-        await asyncio.to_thread(self.derived_dir.mkdir, parents=True, exist_ok=True)
         self._index_seq = 1
 
     async def close(self, wait_s: float = 30.0) -> None:
@@ -386,29 +384,79 @@ class ComponentStore:
                 raise InvalidArgument(f"loras[{i}].id", f"{rec.id!r} is not a LORA component")
             if rec.family != base.family:
                 raise InvalidArgument(f"loras[{i}].id", f"{rec.id!r} is family {rec.family!r}, the base is {base.family!r}")
-        lease = self.leases.open(FUSE_HOLDER, time.time())
-        try:
-            await self._acquire_leased(recs, lease)
-            dest = self.derived_dir / f"{fused_id}.safetensors"
-            copies = [self.host_entries[r.id] for r in recs]
-            await asyncio.to_thread(self._write_overlay, copies, [s for _, s in loras], dest)
-        finally:
-            self.leases.close(lease.lease_id)
-        digest, size = await asyncio.to_thread(lambda: (artifact_sha256(dest), artifact_bytes(dest)))
+        entry = await self._derive(fused_id, base, lora_recs, [s for _, s in loras], expected_sha256="")
         record = common_pb2.Component(
             id=fused_id,
             kind=common_pb2.COMPONENT_KIND_FUSED,
             family=base.family,
-            uri=dest.as_uri(),
-            bytes=size,
-            sha256=digest,
+            # Where it was derived; any node that lacks the file derives it again from base_id + labels.
+            uri=self.ssd.path(entry).as_uri(),
+            bytes=entry.bytes,
+            sha256=entry.sha256,
             format=common_pb2.ARTIFACT_FORMAT_SAFETENSORS,
             base_id=base_id,
             labels={LORAS_LABEL: lora_label},
         )
         stored = await self.register(record)
-        log.info("fused overlay registered", extra={"component_id": fused_id, "base_id": base_id, "bytes": size})
+        log.info("fused overlay registered", extra={"component_id": fused_id, "base_id": base_id, "bytes": entry.bytes})
         return stored, True
+
+    async def _derive(
+        self, fused_id: str, base: Record, lora_recs: list[Record], scales: list[float], expected_sha256: str
+    ) -> SsdEntry:
+        """Computes the overlay of ``lora_recs`` at ``scales`` on ``base`` and publishes it in the SSD tier.
+
+        The overlay is written to ``SSD_DIR/tmp``, hashed, checked against ``expected_sha256``
+        (when re-deriving a registered overlay), given room in the SSD tier (utility
+        eviction; RESOURCE_EXHAUSTED when nothing can go) and renamed into place: it is
+        bounded like every SSD copy, and nothing half-written is ever published.
+        """
+        recs = [base, *lora_recs]
+        lease = self.leases.open(FUSE_HOLDER, time.time())
+        tmp = self.ssd.tmp_path(fused_id)
+        try:
+            try:
+                await self._acquire_leased(recs, lease)
+                copies = [self.host_entries[r.id] for r in recs]
+                await asyncio.to_thread(self._write_overlay, copies, scales, tmp)
+            finally:
+                self.leases.close(lease.lease_id)
+            digest, size = await asyncio.to_thread(lambda: (artifact_sha256(tmp), artifact_bytes(tmp)))
+            if expected_sha256 and digest != expected_sha256.lower():
+                raise DataLoss(
+                    f"component {fused_id!r}: the overlay derived again from {base.id!r} and its LoRAs hashes to {digest}, "
+                    f"the catalog has {expected_sha256} (its inputs or this node's arithmetic differ from where it was "
+                    "fused); nothing was published — Fuse the set again under a new fused_id"
+                )
+            await self._make_room(SSD, size, fused_id)
+            try:
+                entry = SsdEntry(
+                    fused_id, digest, entry_name(fused_id, digest) + TENSOR_SUFFIX, size, False, FUSED, time.time()
+                )
+                await asyncio.to_thread(self.ssd.publish, tmp, entry)
+                old = self.ssd_entries.get(fused_id)
+                self.ssd_entries[fused_id] = entry
+            finally:
+                self._reserved[SSD] -= size
+        except BaseException:
+            await asyncio.to_thread(self.ssd.discard, tmp)
+            raise
+        if old is not None and old.name != entry.name:
+            await asyncio.to_thread(self.ssd.discard, self.ssd.path(old))
+        await self._save_index()
+        self._notify(fused_id, SSD, True, size, entry.last_used)
+        return entry
+
+    async def _rederive(self, rec: Record) -> None:
+        """Derives a registered FUSED overlay again (its SSD copy was evicted, or it was fused on another node)."""
+        try:
+            loras = [(str(d["id"]), float(d["scale"])) for d in json.loads(rec.labels[LORAS_LABEL])]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise FailedPrecondition(
+                f"component {rec.id!r}: FUSED record without a valid {LORAS_LABEL!r} label ({exc}); it cannot be derived"
+            ) from None
+        recs = await self.records([rec.base_id, *(lid for lid, _ in loras)])
+        await self._derive(rec.id, recs[0], recs[1:], [s for _, s in loras], expected_sha256=rec.sha256)
 
     def _write_overlay(self, copies: list[HostEntry], scales: list[float], dest: Path) -> None:
         from diffmesh_instance_manager.overlays import HostCopy, write_overlay  # torch: imported on first Fuse
@@ -497,6 +545,10 @@ class ComponentStore:
             counters.hits += 1
             return SSD
         counters.misses += 1
+        if rec.kind == FUSED:
+            # An overlay's tier below SSD is the computation that made it (from base + LoRAs, both verified).
+            await self._rederive(rec)
+            return REMOTE
         source = await asyncio.to_thread(self.remote.resolve, rec.id, rec.uri)
         if not rec.sha256:
             raise FailedPrecondition(
