@@ -22,10 +22,10 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from diffmesh.artifacts import folder_digest_from, is_pickle_path
+from diffmesh.artifacts import is_pickle_path
 from diffmesh.errors import DiffmeshError, InvalidArgument, NotFound, PermissionDenied, Unavailable
 
-from diffmesh_instance_manager.remote import Source, check_digest, fsync_dir
+from diffmesh_instance_manager.remote import Source, check_digest, copy_folder
 
 DEFAULT_CHUNK = 8 * 1024 * 1024
 DEFAULT_RETRIES = 3
@@ -65,20 +65,7 @@ class RangedFetcher(ABC):
             files = self._checked(source, self.list_folder(source, base))
             if not files:
                 raise NotFound("artifact", source.uri)
-            dest.mkdir(parents=True)
-            entries: list[tuple[str, str]] = []
-            total = 0
-            dirs = {dest}
-            for rel in files:
-                out = dest / rel
-                out.parent.mkdir(parents=True, exist_ok=True)
-                dirs.add(out.parent)
-                digest, size = self._get(source, base + rel, out)
-                entries.append((rel, digest))
-                total += size
-            for d in dirs:
-                fsync_dir(d)
-            got = folder_digest_from(entries)
+            got, total = copy_folder(dest, files, lambda rel, out: self._get(source, base + rel, out))
         else:
             got, total = self._get(source, source.url, dest)
         check_digest(source, expected_sha256, got)

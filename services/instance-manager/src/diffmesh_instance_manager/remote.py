@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -164,6 +165,25 @@ def check_digest(source: Source, expected_sha256: str, got: str) -> None:
         )
 
 
+def copy_folder(dest: Path, rels: list[str], copy_one: Callable[[str, Path], tuple[str, int]]) -> tuple[str, int]:
+    """Creates ``dest`` and copies every relative path into it with ``copy_one(rel, out) -> (sha256, bytes)``;
+    fsyncs every folder written; returns the folder digest and the bytes copied."""
+    dest.mkdir(parents=True)
+    entries: list[tuple[str, str]] = []
+    total = 0
+    dirs = {dest}
+    for rel in rels:
+        out = dest / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        dirs.add(out.parent)
+        digest, size = copy_one(rel, out)
+        entries.append((rel, digest))
+        total += size
+    for d in dirs:
+        fsync_dir(d)
+    return folder_digest_from(entries), total
+
+
 def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
     h = hashlib.sha256()
     size = 0
@@ -227,21 +247,8 @@ class FileFetcher:
     def fetch(self, source: Source, expected_sha256: str, dest: Path) -> int:
         """Copies ``source`` to ``dest`` and checks the catalog digest."""
         if source.is_dir:
-            dest.mkdir(parents=True)
-            entries: list[tuple[str, str]] = []
-            total = 0
-            dirs = {dest}
-            for f in folder_files(source.path):
-                rel = f.relative_to(source.path).as_posix()
-                out = dest / rel
-                out.parent.mkdir(parents=True, exist_ok=True)
-                dirs.add(out.parent)
-                digest, size = _copy_hashed(f, out)
-                entries.append((rel, digest))
-                total += size
-            for d in dirs:
-                fsync_dir(d)
-            got = folder_digest_from(entries)
+            rels = [f.relative_to(source.path).as_posix() for f in folder_files(source.path)]
+            got, total = copy_folder(dest, rels, lambda rel, out: _copy_hashed(source.path / rel, out))
         else:
             got, total = _copy_hashed(source.path, dest)
         check_digest(source, expected_sha256, got)
