@@ -510,7 +510,9 @@ def serve_http(directory: Path, port: int) -> None:
     server.shutdown()
 
 
-def phase_remote(size: str, url: str, expected: str, range_mb: int, s3: dict[str, str] | None = None) -> dict[str, Any]:
+def phase_remote(
+    size: str, url: str, expected: str, range_mb: int, in_flight: int, s3: dict[str, str] | None = None
+) -> dict[str, Any]:
     """(f)/(g) REMOTE → SSD through the instance manager's own path: its URL validation, its
     fetcher (ranged reads, one range ahead, sha256 while streaming, fsync) and the SSD
     tier's atomic publish (rename + directory fsync)."""
@@ -523,7 +525,11 @@ def phase_remote(size: str, url: str, expected: str, range_mb: int, s3: dict[str
     ssd = SsdCache(WORKDIR / "ssd")
     ssd.open()
     chunk = range_mb << 20
-    fetcher = HttpFetcher(chunk=chunk) if s3 is None else S3Fetcher(S3Options(**s3), chunk=chunk)  # type: ignore[arg-type]
+    fetcher = (
+        HttpFetcher(chunk=chunk, in_flight=in_flight)
+        if s3 is None
+        else S3Fetcher(S3Options(**s3), chunk=chunk, in_flight=in_flight)  # type: ignore[arg-type]
+    )
     root = url.rsplit("/", 1)[0] + "/"
     source = RemoteAccess([root]).resolve("bench-unet", url)
     method = drop_cache([weights])
@@ -539,7 +545,7 @@ def phase_remote(size: str, url: str, expected: str, range_mb: int, s3: dict[str
         ssd.discard(tmp)
     seconds = time.perf_counter() - t0
     ssd.discard(ssd.path(entry))
-    return {"seconds": seconds, "bytes": total, "drop": method, "range_mb": range_mb}
+    return {"seconds": seconds, "bytes": total, "drop": method, "range_mb": range_mb, "in_flight": in_flight}
 
 
 def start_s3(weights: Path) -> tuple[Any, str, dict[str, str]] | None:
@@ -594,7 +600,7 @@ def main_bench(ns: argparse.Namespace) -> int:
     server_info, server = run_phase(["--phase", "serve", "--dir", str(folder), "--port", str(port)], hold=True)
     assert server is not None
     url = f"http://127.0.0.1:{server_info['port']}/{weights.name}"
-    keys = ("a", "b", "c", "d", "e", "e_touch", "e_cold_meta", "e_prebuilt", "f", "g")
+    keys = ("a", "b", "c", "d", "e", "e_touch", "e_cold_meta", "e_prebuilt", "f", "g", "f_one", "g_one")
     samples: dict[str, list[float]] = {k: [] for k in keys}
     details: dict[str, list[dict[str, Any]]] = {k: [] for k in ("a", "b", "c", "d", "e", "f", "g")}
     handle_file = WORKDIR / "handle.json"
@@ -625,15 +631,16 @@ def main_bench(ns: argparse.Namespace) -> int:
             samples["e_cold_meta"].append(e["cold_meta_s"])
             samples["e_prebuilt"].append(e["with_prebuilt_skeleton_s"])
             details["e"].append(e)
-            f, _ = run_phase(["--phase", "remote", "--size", ns.size, "--url", url, "--sha256", expected,
-                              "--range-mb", str(ns.range_mb)])  # fmt: skip
-            samples["f"].append(f["seconds"])
-            details["f"].append(f)
-            if s3 is not None:
-                g, _ = run_phase(["--phase", "remote", "--size", ns.size, "--url", s3[1], "--sha256", expected,
-                                  "--range-mb", str(ns.range_mb), "--s3", json.dumps(s3[2])])  # fmt: skip
-                samples["g"].append(g["seconds"])
-                details["g"].append(g)
+            # (f)/(g) at the instance manager's ranges in flight, and one range at a time beside them.
+            remotes = [("f", url, None)] + ([("g", s3[1], json.dumps(s3[2]))] if s3 is not None else [])
+            for key, source_url, s3_json in remotes:
+                for suffix, in_flight in (("", ns.ranges), ("_one", 1)):
+                    args = ["--phase", "remote", "--size", ns.size, "--url", source_url, "--sha256", expected,
+                            "--range-mb", str(ns.range_mb), "--ranges", str(in_flight)]  # fmt: skip
+                    out, _ = run_phase(args + (["--s3", s3_json] if s3_json else []))
+                    samples[key + suffix].append(out["seconds"])
+                    if not suffix:
+                        details[key].append(out)
     finally:
         finish(server)
         handle_file.unlink(missing_ok=True)
@@ -647,6 +654,8 @@ def main_bench(ns: argparse.Namespace) -> int:
     )
     ours, st, dif, remote = gb / t_c, gb / t_a, gb / t_b, gb / t_f
     s3_gbps = gb / pick(samples["g"], ns.stat, False) if samples["g"] else None
+    remote_one = gb / pick(samples["f_one"], ns.stat, False)
+    s3_one = gb / pick(samples["g_one"], ns.stat, False) if samples["g_one"] else None
     result = {
         "limit_gbps": limit,
         "ours_gbps": ours,
@@ -655,6 +664,8 @@ def main_bench(ns: argparse.Namespace) -> int:
         "host_acquire_s": t_e,
         "remote_gbps": remote,
         "s3_gbps": s3_gbps,
+        "remote_one_range_gbps": remote_one,
+        "s3_one_range_gbps": s3_one,
         "ratios": {
             "ours_over_limit": ours / limit,
             "ours_over_safetensors": ours / st,
@@ -675,6 +686,7 @@ def main_bench(ns: argparse.Namespace) -> int:
         "stat": ns.stat,
         "threads": ns.threads,
         "range_mb": ns.range_mb,
+        "ranges_in_flight": ns.ranges,
         "samples": samples,
         "details": details,
     }  # fmt: skip
@@ -700,10 +712,12 @@ def print_table(r: dict[str, Any]) -> None:
         (f"(c) ours: {mode} x{r['threads']} -> pool + views", gb / r["ours_gbps"], r["ours_gbps"]),
         (f"(d) disk limit ({tool})", gb / r["limit_gbps"], r["limit_gbps"]),
         ("(e) HOST handle -> ready nn.Module", r["host_acquire_s"], None),
-        ("(f) REMOTE http -> SSD (IM fetcher, sha256)", gb / r["remote_gbps"], r["remote_gbps"]),
+        (f"(f) REMOTE http -> SSD, {r['ranges_in_flight']} ranges in flight", gb / r["remote_gbps"], r["remote_gbps"]),
+        ("    the same, one range at a time", gb / r["remote_one_range_gbps"], r["remote_one_range_gbps"]),
     ]
     if r.get("s3_gbps"):
-        rows.append(("(g) REMOTE s3 (SeaweedFS) -> SSD (IM fetcher)", gb / r["s3_gbps"], r["s3_gbps"]))
+        rows.append((f"(g) REMOTE s3 (SeaweedFS) -> SSD, {r['ranges_in_flight']} in flight", gb / r["s3_gbps"], r["s3_gbps"]))
+        rows.append(("    the same, one range at a time", gb / r["s3_one_range_gbps"], r["s3_one_range_gbps"]))
     print()
     print(f"UNet {r['size']}: {r['bytes']:,} bytes; cold (cache dropped via {drop}); {r['stat']} of {r['repeats']} runs")
     print(f"{'route':<48} {'seconds':>8} {'GB/s':>7}")
@@ -728,6 +742,7 @@ def main() -> int:
     p.add_argument("--stat", choices=["median", "best"], default="median", help="how runs are summarised (default median)")
     p.add_argument("--threads", type=int, default=8, help="reads in flight for (c) (default 8)")
     p.add_argument("--range-mb", type=int, default=8, help="range size of (f)/(g) in MiB (default 8, the instance manager's)")
+    p.add_argument("--ranges", type=int, default=4, help="ranged reads in flight for (f)/(g) (default 4, the instance manager's)")
     p.add_argument("--no-s3", action="store_true", help="skip (g), REMOTE s3 on a local SeaweedFS")
     p.add_argument("--json", help="write the results as JSON to this file")
     # internal: one route in a fresh process
@@ -756,7 +771,7 @@ def main() -> int:
         elif phase == "acquire":
             out = phase_acquire(Path(ns.handle))
         elif phase == "remote":
-            out = phase_remote(ns.size, ns.url, ns.sha256, ns.range_mb, json.loads(ns.s3) if ns.s3 else None)
+            out = phase_remote(ns.size, ns.url, ns.sha256, ns.range_mb, ns.ranges, json.loads(ns.s3) if ns.s3 else None)
         elif phase == "ours":
             with contextlib.redirect_stdout(sys.__stdout__):
                 phase_ours(ns.size, ns.threads)

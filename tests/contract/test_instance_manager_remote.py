@@ -42,13 +42,15 @@ from tests.contract.test_instance_manager import (
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Static files with single-range ``Range`` support. Paths under ``/models/cut/`` always
     close the connection halfway through the body; under ``/models/flaky/`` only the first
-    time; under ``/models/slow/`` the body waits for ``gate``; ``/models/moved.safetensors``
-    redirects."""
+    time; under ``/models/slow/`` the body waits for ``gate``; under ``/models/pair/`` a
+    ranged GET waits (10 s at most) until a second one is being served at the same time;
+    ``/models/moved.safetensors`` redirects."""
 
     counts: Counter[str]
     cut_once: set[str]
     lock: threading.Lock
     gate: threading.Event
+    pair: threading.Barrier
 
     def log_message(self, *args: object) -> None:
         pass
@@ -87,6 +89,12 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             body = f.read(end - start + 1)
         if self.path.startswith("/models/slow/"):
             self.gate.wait(60)
+        if self.path.startswith("/models/pair/") and m:
+            try:
+                self.pair.wait()
+            except threading.BrokenBarrierError:
+                self.send_error(503)  # the ranges came one at a time
+                return
         cut = self.path.startswith("/models/cut/")
         if self.path.startswith("/models/flaky/"):
             with self.lock:
@@ -123,7 +131,7 @@ class Web:
 def web(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:  # noqa: F811
     root = tmp_path_factory.mktemp("web")
     models = root / "models"
-    for sub in ("cut", "flaky", "slow"):
+    for sub in ("cut", "flaky", "slow", "pair"):
         (models / sub).mkdir(parents=True)
     (root / "private").mkdir()
     _lora(models / "lora-h.safetensors", 40)
@@ -132,6 +140,7 @@ def web(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]: 
     _lora(models / "flaky" / "lora-flaky.safetensors", 43, rows=4096)
     _lora(root / "private" / "lora-p.safetensors", 44)
     _lora(models / "slow" / "lora-slow.safetensors", 47)
+    _lora(models / "pair" / "lora-pair.safetensors", 48, rows=300_000)  # ~9.6 MB: two 8 MiB ranges
     _base(models / "base-h", 45)
     (models / "base-h" / "README.md").unlink()
     _base(models / "base-pickle", 46)
@@ -139,7 +148,9 @@ def web(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]: 
     counts: Counter[str] = Counter()
     gate = threading.Event()
     gate.set()
-    handler = type("Handler", (_Handler,), {"counts": counts, "cut_once": set(), "lock": threading.Lock(), "gate": gate})
+    pair = threading.Barrier(2, timeout=10)
+    attrs = {"counts": counts, "cut_once": set(), "lock": threading.Lock(), "gate": gate, "pair": pair}
+    handler = type("Handler", (_Handler,), attrs)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -153,6 +164,7 @@ def web(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]: 
     add("http-cut", LORA, "models/cut/lora-cut.safetensors")
     add("http-flaky", LORA, "models/flaky/lora-flaky.safetensors")
     add("http-slow", LORA, "models/slow/lora-slow.safetensors")
+    add("http-pair", LORA, "models/pair/lora-pair.safetensors")
     add("http-private", LORA, "private/lora-p.safetensors")
     add("http-dotdot", LORA, "private/lora-p.safetensors", uri=f"{url}/models/../private/lora-p.safetensors")
     add("http-moved", LORA, "models/lora-h.safetensors", uri=f"{url}/models/moved.safetensors")
@@ -229,6 +241,14 @@ def test_a_dropped_range_is_resumed(im: Im, web: Web) -> None:
     handle = _acquire(im, "http-flaky").handles[0]
     _assert_tensors_match(handle.files[0], web.root / "models/flaky/lora-flaky.safetensors")
     assert web.counts["/models/flaky/lora-flaky.safetensors"] == 2
+
+
+def test_ranges_of_one_file_are_read_in_parallel(im: Im, web: Web) -> None:
+    # The server answers each of the two ranges only while the other is in flight too.
+    resp = _acquire(im, "http-pair")
+    _assert_tensors_match(resp.handles[0].files[0], web.root / "models/pair/lora-pair.safetensors")
+    assert web.counts["/models/pair/lora-pair.safetensors"] == 2
+    _release(im, resp.lease_id)
 
 
 def test_a_slow_lora_never_delays_the_base(im: Im, web: Web) -> None:

@@ -89,7 +89,7 @@ class InstanceManagerApp:
             host_capacity=s.host_capacity_bytes,
             allocator=self.allocator,
             remote=RemoteAccess(s.allowed_roots),
-            fetcher=RemoteFetcher(s3=s.s3_options()),
+            fetcher=RemoteFetcher(s3=s.s3_options(), in_flight=s.remote_ranges_in_flight),
             lookup=self._lookup if s.coordinator else None,
             config_cap=s.config_max_bytes,
             retry_after_s=s.retry_after_seconds,

@@ -13,7 +13,7 @@ from urllib.parse import unquote
 from diffmesh.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 
 from diffmesh_instance_manager.ranged_fetch import DEFAULT_CHUNK, DEFAULT_RETRIES, MAX_FILES, RangedFetcher
-from diffmesh_instance_manager.remote import Source
+from diffmesh_instance_manager.remote import DEFAULT_IN_FLIGHT, Source
 
 MAX_DEPTH = 8
 
@@ -23,10 +23,10 @@ class HttpFetcher(RangedFetcher):
 
     label = "HTTP"
 
-    def __init__(self, chunk: int = DEFAULT_CHUNK, retries: int = DEFAULT_RETRIES) -> None:
+    def __init__(self, chunk: int = DEFAULT_CHUNK, retries: int = DEFAULT_RETRIES, in_flight: int = DEFAULT_IN_FLIGHT) -> None:
         import fsspec
 
-        super().__init__(chunk, retries)
+        super().__init__(chunk, retries, in_flight)
         # No redirects: a redirect could leave the allowed URL prefix.
         self.fs = fsspec.filesystem("http", allow_redirects=False, skip_instance_cache=True)
 

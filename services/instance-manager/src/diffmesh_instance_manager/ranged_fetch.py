@@ -1,8 +1,9 @@
 """Streaming an object-store or web artifact to the SSD tier in byte ranges, with resume and sha256.
 
 The shared half of the ``http(s)://`` and ``s3://`` fetchers: a file is read in
-``chunk``-byte ranges, one range ahead (the network read of the next overlaps hashing and
-writing the current one); a range that fails (connection closed mid-body, short body, 5xx)
+``chunk``-byte ranges, ``in_flight`` of them at once (object stores cap each connection's
+bandwidth; parallel ranged reads are how a client reaches the store's), hashed and
+written in order while the next ones arrive; a range that fails (connection closed mid-body, short body, 5xx)
 is retried from its start up to ``retries`` times, then the fetch fails with UNAVAILABLE
 and the caller deletes the partial copy, so nothing is published. A folder is listed by
 the scheme, checked (no pickle checkpoints, no ``..``, at most :data:`MAX_FILES` files;
@@ -19,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import os
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from diffmesh.artifacts import is_pickle_path
 from diffmesh.errors import DiffmeshError, InvalidArgument, NotFound, PermissionDenied, Unavailable
 
-from diffmesh_instance_manager.remote import Source, check_digest, copy_folder
+from diffmesh_instance_manager.remote import DEFAULT_IN_FLIGHT, Source, check_digest, copy_folder
 
 DEFAULT_CHUNK = 8 * 1024 * 1024
 DEFAULT_RETRIES = 3
@@ -38,9 +40,12 @@ class RangedFetcher(ABC):
     #: Shown in errors: ``"HTTP"``, ``"S3"``.
     label = "remote"
 
-    def __init__(self, chunk: int = DEFAULT_CHUNK, retries: int = DEFAULT_RETRIES) -> None:
+    def __init__(self, chunk: int = DEFAULT_CHUNK, retries: int = DEFAULT_RETRIES, in_flight: int = DEFAULT_IN_FLIGHT) -> None:
+        if chunk < 1 or retries < 1 or in_flight < 1:
+            raise ValueError(f"chunk, retries and in_flight must be >= 1, got {chunk}, {retries}, {in_flight}")
         self.chunk = chunk
         self.retries = retries
+        self.in_flight = in_flight
 
     # ---- per scheme ------------------------------------------------------------------
 
@@ -88,19 +93,26 @@ class RangedFetcher(ABC):
         return sorted(out)
 
     def _get(self, source: Source, url: str, dest: Path) -> tuple[str, int]:
-        """Copies one object; the next range is read while the current one is hashed and written."""
+        """Copies one object: up to ``in_flight`` ranges are read while earlier ones are hashed and written in order."""
         what = f"component {source.component_id!r}"
         size = self.size(what, url)
         ranges = [(pos, min(size, pos + self.chunk)) for pos in range(0, size, self.chunk)]
         h = hashlib.sha256()
-        with open(dest, "wb") as fout, ThreadPoolExecutor(1, thread_name_prefix="dm-fetch") as ahead:
-            pending = ahead.submit(self._range, what, url, *ranges[0]) if ranges else None
-            for i in range(len(ranges)):
-                assert pending is not None
-                data = pending.result()  # a failed range raises here, before the next one is asked for
-                pending = ahead.submit(self._range, what, url, *ranges[i + 1]) if i + 1 < len(ranges) else None
-                h.update(data)
-                fout.write(data)
+        with open(dest, "wb") as fout, ThreadPoolExecutor(self.in_flight, thread_name_prefix="dm-fetch") as pool:
+            pending: deque[Future[bytes]] = deque()
+            asked = 0
+            try:
+                for _ in ranges:
+                    while asked < len(ranges) and len(pending) < self.in_flight:
+                        pending.append(pool.submit(self._range, what, url, *ranges[asked]))
+                        asked += 1
+                    data = pending.popleft().result()  # a range that kept failing raises here
+                    h.update(data)
+                    fout.write(data)
+            except BaseException:
+                for later in pending:
+                    later.cancel()
+                raise
             fout.flush()
             os.fsync(fout.fileno())
         return h.hexdigest(), size

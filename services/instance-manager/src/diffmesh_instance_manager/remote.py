@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 HTTP_SCHEMES = ("http", "https")
 #: Schemes read through fsspec in ranges: a ``url`` source.
 URL_SCHEMES = (*HTTP_SCHEMES, "s3")
+#: Ranged reads in flight per fetched file (``DIFFMESH_IM_REMOTE_RANGES_IN_FLIGHT``).
+DEFAULT_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -209,8 +211,9 @@ def fsync_dir(path: Path) -> None:
 class RemoteFetcher:
     """The fetcher of every scheme: ``file://`` here, ``http(s)://`` and ``s3://`` built on first use."""
 
-    def __init__(self, s3: S3Options | None = None) -> None:
+    def __init__(self, s3: S3Options | None = None, in_flight: int = DEFAULT_IN_FLIGHT) -> None:
         self.s3_options = s3
+        self.in_flight = in_flight
         self.file = FileFetcher()
         self._http: HttpFetcher | None = None
         self._s3: S3Fetcher | None = None
@@ -229,7 +232,7 @@ class RemoteFetcher:
             if self._http is None:
                 from diffmesh_instance_manager.http_fetch import HttpFetcher
 
-                self._http = HttpFetcher()
+                self._http = HttpFetcher(in_flight=self.in_flight)
             return self._http
 
     def _s3_fetcher(self) -> S3Fetcher:
@@ -237,7 +240,7 @@ class RemoteFetcher:
             if self._s3 is None:
                 from diffmesh_instance_manager.s3_fetch import S3Fetcher  # s3fs/botocore: imported on first use
 
-                self._s3 = S3Fetcher(self.s3_options)
+                self._s3 = S3Fetcher(self.s3_options, in_flight=self.in_flight)
             return self._s3
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from diffmesh.errors import DiffmeshError, FailedPrecondition, NotFound, PermissionDenied, Unavailable
 
 from diffmesh_instance_manager.ranged_fetch import DEFAULT_CHUNK, DEFAULT_RETRIES, RangedFetcher
-from diffmesh_instance_manager.remote import Source
+from diffmesh_instance_manager.remote import DEFAULT_IN_FLIGHT, Source
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,16 @@ class S3Fetcher(RangedFetcher):
 
     label = "S3"
 
-    def __init__(self, options: S3Options | None = None, chunk: int = DEFAULT_CHUNK, retries: int = DEFAULT_RETRIES) -> None:
+    def __init__(
+        self,
+        options: S3Options | None = None,
+        chunk: int = DEFAULT_CHUNK,
+        retries: int = DEFAULT_RETRIES,
+        in_flight: int = DEFAULT_IN_FLIGHT,
+    ) -> None:
         import s3fs
 
-        super().__init__(chunk, retries)
+        super().__init__(chunk, retries, in_flight)
         o = options or S3Options()
         kwargs: dict[str, Any] = {
             "anon": o.anonymous,
@@ -53,6 +59,8 @@ class S3Fetcher(RangedFetcher):
                 "retries": {"max_attempts": 3, "mode": "standard"},
                 "connect_timeout": o.connect_timeout_s,
                 "read_timeout": o.read_timeout_s,
+                # Several fetches, each with ``in_flight`` ranged GETs, share the client's pool.
+                "max_pool_connections": max(32, 4 * in_flight),
             },
         }
         if o.endpoint_url:

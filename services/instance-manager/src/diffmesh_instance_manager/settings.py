@@ -39,6 +39,9 @@ class InstanceManagerSettings(ServiceSettings):
         description="Directories (or `file://` prefixes), `http(s)://host[:port]/path/` and `s3://bucket/prefix/` prefixes "
         "REMOTE may read; comma-separated or JSON. Empty refuses every URI.",
     )
+    remote_ranges_in_flight: int = Field(
+        4, ge=1, le=64, description="Ranged reads in flight per http(s)/s3 file (each holds one 8 MiB range in memory)."
+    )
     s3_endpoint_url: str = Field(
         "", description="S3 endpoint for `s3://` artifacts (MinIO, SeaweedFS, Ceph, R2…); empty: AWS S3 of `s3_region`."
     )
