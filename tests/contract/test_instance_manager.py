@@ -332,6 +332,18 @@ def test_request_errors(im: Im) -> None:
     assert _stats(im).node_id == im.node_id
 
 
+def _release(im: Im, lease_id: str) -> int:
+    return im.stub.Release(instance_manager_pb2.ReleaseRequest(lease_id=lease_id)).released
+
+
+def _nothing_published(im: Im, cid: str) -> None:
+    """No SSD object, no temporary file and no tier state of ``cid`` is left behind."""
+    ssd = im.app.settings.ssd_path()
+    assert not any(p.name.endswith(f"_{cid}") for p in (ssd / "objects").iterdir())
+    assert list((ssd / "tmp").iterdir()) == []
+    assert _state(_stats(im), cid) is None
+
+
 def _wait_for(predicate: object, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from diffmesh.v1 import common_pb2, instance_manager_pb2
+from diffmesh.v1 import common_pb2
 
 from tests.contract.test_instance_manager import (
     BASE,
@@ -29,7 +29,9 @@ from tests.contract.test_instance_manager import (
     _base,
     _error,
     _lora,
+    _nothing_published,
     _register,
+    _release,
     _start_im,
     _state,
     _stats,
@@ -188,15 +190,6 @@ def im(mesh: Mesh, web: Web, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     running.thread.stop()
 
 
-def _release(im: Im, lease_id: str) -> None:
-    im.stub.Release(instance_manager_pb2.ReleaseRequest(lease_id=lease_id))
-
-
-def _nothing_published(im: Im, cid: str) -> None:
-    ssd = im.app.settings.ssd_path()
-    assert not any(p.name.endswith(f"_{cid}") for p in (ssd / "objects").iterdir())
-    assert list((ssd / "tmp").iterdir()) == []
-    assert _state(_stats(im), cid) is None
 
 
 def test_http_file_is_fetched_with_range_requests_and_verified(im: Im, web: Web) -> None:

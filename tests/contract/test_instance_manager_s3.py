@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from diffmesh.errors import FailedPrecondition, NotFound, PermissionDenied, Unavailable
-from diffmesh.v1 import common_pb2, instance_manager_pb2
+from diffmesh.v1 import common_pb2
 from diffmesh_instance_manager.remote import RemoteAccess
 from diffmesh_instance_manager.s3_fetch import S3Fetcher, S3Options
 from diffmesh_instance_manager.settings import InstanceManagerSettings
@@ -28,9 +28,10 @@ from tests.contract.test_instance_manager import (
     _base,
     _error,
     _lora,
+    _nothing_published,
     _register,
+    _release,
     _start_im,
-    _state,
     _stats,
     _tier,
     mesh,  # noqa: F401 - the module-scoped fixture
@@ -120,15 +121,6 @@ def im(mesh: Mesh, s3: S3, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     running.thread.stop()
 
 
-def _release(im: Im, lease_id: str) -> None:
-    im.stub.Release(instance_manager_pb2.ReleaseRequest(lease_id=lease_id))
-
-
-def _nothing_published(im: Im, cid: str) -> None:
-    ssd = im.app.settings.ssd_path()
-    assert not any(p.name.endswith(f"_{cid}") for p in (ssd / "objects").iterdir())
-    assert list((ssd / "tmp").iterdir()) == []
-    assert _state(_stats(im), cid) is None
 
 
 def _still_serving(im: Im) -> None:

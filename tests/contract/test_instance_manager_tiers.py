@@ -15,7 +15,7 @@ import grpc
 import pytest
 from diffmesh.errors import retry_after_ms
 from diffmesh.server import ServerThread
-from diffmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, instance_manager_pb2
+from diffmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from diffmesh_coordinator.app import CoordinatorApp
 from diffmesh_coordinator.settings import CoordinatorSettings
 from diffmesh_instance_manager.host import list_segments
@@ -30,6 +30,7 @@ from tests.contract.test_instance_manager import (
     _error,
     _lora,
     _register,
+    _release,
     _start_im,
     _state,
     _stats,
@@ -74,9 +75,6 @@ def extra(mesh: Mesh) -> Mesh:  # noqa: F811
     add("bad-overlap", _raw(root / "bad-overlap.safetensors", overlap, b"\0" * 12))
     return mesh
 
-
-def _release(im: Im, lease_id: str) -> int:
-    return im.stub.Release(instance_manager_pb2.ReleaseRequest(lease_id=lease_id)).released
 
 
 @pytest.fixture()
