@@ -58,9 +58,9 @@ log = logging.getLogger("diffmesh.im.store")
 _tracer = tracer("diffmesh.instance_manager")
 
 SSD = common_pb2.TIER_SSD
-FUSED = common_pb2.COMPONENT_KIND_FUSED
 HOST = common_pb2.TIER_HOST
 REMOTE = common_pb2.TIER_REMOTE
+FUSED = common_pb2.COMPONENT_KIND_FUSED
 MAX_IDS = 16
 MAX_FUSE_LORAS = 8
 MAX_LORA_SCALE = 4.0
