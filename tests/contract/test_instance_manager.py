@@ -344,6 +344,14 @@ def _nothing_published(im: Im, cid: str) -> None:
     assert _state(_stats(im), cid) is None
 
 
+def _refused_publishing_nothing(im: Im, cid: str, code: grpc.StatusCode, needle: str) -> None:
+    """Acquire of ``cid`` fails with ``code`` and a message containing ``needle``, leaving nothing behind."""
+    err = _error(lambda: _acquire(im, cid))
+    assert err.code() == code, err.details()
+    assert needle in (err.details() or "")
+    _nothing_published(im, cid)
+
+
 def _wait_for(predicate: object, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -30,6 +30,7 @@ from tests.contract.test_instance_manager import (
     _error,
     _lora,
     _nothing_published,
+    _refused_publishing_nothing,
     _register,
     _release,
     _start_im,
@@ -272,10 +273,7 @@ def test_a_slow_lora_never_delays_the_base(im: Im, web: Web) -> None:
     ],
 )
 def test_bad_http_sources_are_refused(im: Im, web: Web, cid: str, code: grpc.StatusCode, needle: str) -> None:
-    err = _error(lambda: _acquire(im, cid))
-    assert err.code() == code, err.details()
-    assert needle in (err.details() or "")
-    _nothing_published(im, cid)
+    _refused_publishing_nothing(im, cid, code, needle)
     assert web.counts["/private/lora-p.safetensors"] == 0
     _release(im, _acquire(im, "http-lora").lease_id)
 

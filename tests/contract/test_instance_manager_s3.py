@@ -29,6 +29,7 @@ from tests.contract.test_instance_manager import (
     _error,
     _lora,
     _nothing_published,
+    _refused_publishing_nothing,
     _register,
     _release,
     _start_im,
@@ -210,10 +211,7 @@ def test_a_dropped_range_is_resumed_from_that_range(im: Im, s3: S3) -> None:
     ],
 )
 def test_bad_s3_sources_are_refused(im: Im, s3: S3, cid: str, code: grpc.StatusCode, needle: str) -> None:
-    err = _error(lambda: _acquire(im, cid))
-    assert err.code() == code, err.details()
-    assert needle in (err.details() or "")
-    _nothing_published(im, cid)
+    _refused_publishing_nothing(im, cid, code, needle)
     assert s3.get_count("models/lora-p.safetensors", bucket=s3.private) == 0
     assert s3.get_count("other/lora-o.safetensors") == 0
     _still_serving(im)

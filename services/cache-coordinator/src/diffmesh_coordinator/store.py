@@ -423,7 +423,6 @@ class CoordinatorStore:
             await pipe.execute()
         return len(records)
 
-
     async def component_popularity(self, limit: int) -> list[tuple[str, float]]:
         """The ``limit`` most requested components with their counts, most requested first (ties by id)."""
         return await self.popularity.component_counts(self.redis, self.keys, limit)

@@ -3,9 +3,10 @@
 The shared half of the ``http(s)://`` and ``s3://`` fetchers: a file is read in
 ``chunk``-byte ranges, ``in_flight`` of them at once (object stores cap each connection's
 bandwidth; parallel ranged reads are how a client reaches the store's), hashed and
-written in order while the next ones arrive; a range that fails (connection closed mid-body, short body, 5xx)
-is retried from its start up to ``retries`` times, then the fetch fails with UNAVAILABLE
-and the caller deletes the partial copy, so nothing is published. A folder is listed by
+written in order while the next ones arrive. A range that fails (connection closed
+mid-body, short body, 5xx) is retried from its start up to ``retries`` times, then the
+fetch fails with UNAVAILABLE and the caller deletes the partial copy, so nothing is
+published. A folder is listed by
 the scheme, checked (no pickle checkpoints, no ``..``, at most :data:`MAX_FILES` files;
 hidden files skipped, as the catalog digest skips them) and copied file by file. The
 digest is compared with the catalog's once everything is on disk.

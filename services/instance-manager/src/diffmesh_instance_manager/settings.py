@@ -12,6 +12,7 @@ from diffmesh.settings import ServiceSettings
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from diffmesh_instance_manager.remote import DEFAULT_IN_FLIGHT
 from diffmesh_instance_manager.s3_fetch import S3Options
 
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -40,7 +41,10 @@ class InstanceManagerSettings(ServiceSettings):
         "REMOTE may read; comma-separated or JSON. Empty refuses every URI.",
     )
     remote_ranges_in_flight: int = Field(
-        4, ge=1, le=64, description="Ranged reads in flight per http(s)/s3 file (each holds one 8 MiB range in memory)."
+        DEFAULT_IN_FLIGHT,
+        ge=1,
+        le=64,
+        description="Ranged reads in flight per http(s)/s3 file (each holds one 8 MiB range in memory).",
     )
     s3_endpoint_url: str = Field(
         "", description="S3 endpoint for `s3://` artifacts (MinIO, SeaweedFS, Ceph, R2…); empty: AWS S3 of `s3_region`."
