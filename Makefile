@@ -46,6 +46,10 @@ $(COMPOSE_SCHEMA): | $(STAMP)
 
 compose-schema: $(COMPOSE_SCHEMA) ## fetch the compose-spec schema used by the static compose test
 
+CONFIG_DOCS := README.md $(wildcard services/*/README.md)
+config-doc: proto ## regenerate the READMEs' configuration tables from the settings classes
+	$(VENV)/bin/diffmesh config --update $(CONFIG_DOCS)
+
 test: proto $(COMPOSE_SCHEMA) ## run the test suite (unit, contract, e2e, static)
 	$(PY) -m pytest -q -rs tests
 
@@ -63,4 +67,4 @@ clean: ## remove generated stubs and local outputs
 	rm -f $(STUBS)/*_pb2*.py $(STUBS)/*_pb2*.pyi $(STUBS)/.stamp
 	rm -rf out .diffmesh
 
-.PHONY: help venv proto compose-schema run test lint sim bench-load clean
+.PHONY: help venv proto compose-schema config-doc run test lint sim bench-load clean

@@ -516,9 +516,10 @@ def phase_remote(
     """(f)/(g) REMOTE → SSD through the instance manager's own path: its URL validation, its
     fetcher (ranged reads, one range ahead, sha256 while streaming, fsync) and the SSD
     tier's atomic publish (rename + directory fsync)."""
+    from diffmesh_instance_manager.fetch_options import S3Options
     from diffmesh_instance_manager.http_fetch import HttpFetcher
-    from diffmesh_instance_manager.remote import RemoteAccess
-    from diffmesh_instance_manager.s3_fetch import S3Fetcher, S3Options
+    from diffmesh_instance_manager.remote_access import RemoteAccess
+    from diffmesh_instance_manager.s3_fetch import S3Fetcher
     from diffmesh_instance_manager.ssd import SsdCache, SsdEntry, entry_name
 
     _, weights = model_paths(size)
@@ -551,7 +552,7 @@ def phase_remote(
 def start_s3(weights: Path) -> tuple[Any, str, dict[str, str]] | None:
     """A SeaweedFS S3 gateway on loopback holding the benchmark file, or None without ``weed``."""
     sys.path.insert(0, str(REPO))
-    from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3, find_weed
+    from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3, find_weed
 
     binary = find_weed()
     if binary is None:

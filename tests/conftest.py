@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from diffmesh.redis_server import RedisServer
 
-from tests.s3_server import SeaweedS3, find_weed
+from tests.support.s3_server import SeaweedS3, find_weed
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

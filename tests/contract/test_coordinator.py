@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +26,8 @@ from diffmesh_coordinator.keys import KeyLayout
 from diffmesh_coordinator.settings import CoordinatorSettings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests.support.waiting import wait_for
 
 Stub = coordinator_pb2_grpc.CacheCoordinatorServiceStub
 SHA = "0123456789abcdef" * 4
@@ -118,14 +119,6 @@ def _where(stub: Stub, *ids: str) -> dict[str, list[tuple[str, str, str, int]]]:
         loc.component_id: [(r.node_id, r.worker_id, common_pb2.Tier.Name(r.tier), r.bytes) for r in loc.residencies]
         for loc in resp.locations
     }
-
-
-def _wait_until(predicate: Callable[[], bool], what: str, limit_s: float = 20.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.1)
 
 
 # ------------------------------------------------------------------ health
@@ -385,7 +378,7 @@ def test_lease_expiry_hides_and_purges_residency(redis_url: str) -> None:
                 assert not stub.Heartbeat(coordinator_pb2.HeartbeatRequest(node_id="exp-n1"), timeout=10).reregister
                 return _where(stub, "exp-base")["exp-base"] == [("exp-n1", "", "TIER_HOST", 1000)]
 
-            _wait_until(worker_and_n2_gone, "the worker's and exp-n2's leases to lapse")
+            wait_for(worker_and_n2_gone, "the worker's and exp-n2's leases to lapse")
             nodes = stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=10).nodes
             assert [(n.node_id, list(n.workers)) for n in nodes] == [("exp-n1", [])]
             assert stub.Heartbeat(coordinator_pb2.HeartbeatRequest(node_id="exp-n2"), timeout=10).reregister
@@ -395,7 +388,7 @@ def test_lease_expiry_hides_and_purges_residency(redis_url: str) -> None:
             )
 
             # now exp-n1 lapses too
-            _wait_until(lambda: _where(stub, "exp-base")["exp-base"] == [], "exp-n1's lease to lapse")
+            wait_for(lambda: _where(stub, "exp-base")["exp-base"] == [], "exp-n1's lease to lapse")
             assert list(stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=10).nodes) == []
 
             # the sweeper purges lapsed state from Redis (residency hashes and indexes)
@@ -425,7 +418,7 @@ def test_reregistering_a_lapsed_node_drops_its_stale_residency(redis_url: str) -
             _register(stub, _component("rr-base", kind=BASE), _component("rr-lora"))
             stub.RegisterNode(_node("rr-n1"), timeout=10)
             stub.ReportResidency(_report("rr-n1", "", _update("rr-base", HOST)), timeout=10)
-            _wait_until(
+            wait_for(
                 lambda: not stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=10).nodes, "rr-n1's lease to lapse"
             )
             stub.RegisterNode(_node("rr-n1"), timeout=10)  # no sweep ran: registration itself drops the old state
@@ -624,7 +617,7 @@ def test_imports_and_serves_without_torch_as_a_process(redis_url: str, tmp_path:
     }
     proc = subprocess.Popen([sys.executable, "-c", TORCH_FREE_MAIN], env=env, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_until(lambda: (port_file.exists() and port_file.read_text() != "") or proc.poll() is not None, "the port file")
+        wait_for(lambda: (port_file.exists() and port_file.read_text() != "") or proc.poll() is not None, "the port file")
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         with grpc.insecure_channel(f"127.0.0.1:{port_file.read_text()}") as ch:
             health = health_pb2_grpc.HealthStub(ch)

@@ -19,12 +19,13 @@ from diffmesh.server import ServerThread
 from diffmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, instance_manager_pb2
 from diffmesh_coordinator.app import CoordinatorApp
 from diffmesh_coordinator.settings import CoordinatorSettings
-from diffmesh_instance_manager.fusion import META_BASE, META_LORAS, fuse
+from diffmesh_instance_manager.lora_merge import fuse
+from diffmesh_instance_manager.overlay_file import META_BASE, META_LORAS
 from diffmesh_instance_manager.pool import list_pools
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.contract.test_instance_manager import Im, Mesh, _error, _start_im, _state, _stats
+from tests.support.im import Im, ImMesh, component_state, im_stats, rpc_error, start_im
 
 MIB = 1024 * 1024
 BASE_ID = "sd15-tiny-a"
@@ -32,7 +33,7 @@ LORAS = [("lora-ink", 0.8), ("lora-pastel", -0.5)]
 
 
 @pytest.fixture(scope="module")
-def demo_mesh(redis_url: str, demo_models: Path) -> Iterator[Mesh]:
+def demo_mesh(redis_url: str, demo_models: Path) -> Iterator[ImMesh]:
     coordinator = ServerThread(
         CoordinatorApp(
             CoordinatorSettings(
@@ -41,14 +42,14 @@ def demo_mesh(redis_url: str, demo_models: Path) -> Iterator[Mesh]:
         )
     )
     channel = grpc.insecure_channel(coordinator.address)
-    yield Mesh(coordinator, coordinator_pb2_grpc.CacheCoordinatorServiceStub(channel), demo_models, demo_models, {})
+    yield ImMesh(coordinator, coordinator_pb2_grpc.CacheCoordinatorServiceStub(channel), demo_models, demo_models, {})
     channel.close()
     coordinator.stop()
 
 
 @pytest.fixture(scope="module")
-def im(demo_mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Im]:
-    running, channel = _start_im(demo_mesh, tmp_path_factory.mktemp("im-fuse-ssd"), host_capacity_bytes=64 * MIB)
+def im(demo_mesh: ImMesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Im]:
+    running, channel = start_im(demo_mesh, tmp_path_factory.mktemp("im-fuse-ssd"), host_capacity_bytes=64 * MIB)
     yield running
     channel.close()
     running.thread.stop()
@@ -62,12 +63,12 @@ def _fuse(im: Im, loras: list[tuple[str, float]] = LORAS, **kw: str) -> instance
     return im.stub.Fuse(req, timeout=120)
 
 
-def _artifact(demo_mesh: Mesh, cid: str) -> Path:
+def _artifact(demo_mesh: ImMesh, cid: str) -> Path:
     rec = demo_mesh.stub.GetComponent(coordinator_pb2.GetComponentRequest(id=cid)).component
     return Path(rec.uri.removeprefix("file://"))
 
 
-def test_fuse_stores_an_overlay_of_exactly_the_merged_tensors(im: Im, demo_mesh: Mesh) -> None:
+def test_fuse_stores_an_overlay_of_exactly_the_merged_tensors(im: Im, demo_mesh: ImMesh) -> None:
     resp = _fuse(im, holder="worker-f")
     rec, handle = resp.component, resp.handle
     expected_id = "fused-" + hashlib.sha256(canonical_key(BASE_ID, LORAS).encode()).hexdigest()[:20]
@@ -103,7 +104,7 @@ def test_fuse_stores_an_overlay_of_exactly_the_merged_tensors(im: Im, demo_mesh:
     # Registered with the coordinator, resident in SSD and HOST, leased to the holder.
     stored = demo_mesh.stub.GetComponent(coordinator_pb2.GetComponentRequest(id=rec.id)).component
     assert stored.kind == common_pb2.COMPONENT_KIND_FUSED and stored.sha256 == rec.sha256
-    state = _state(_stats(im), rec.id)
+    state = component_state(im_stats(im), rec.id)
     assert state is not None and state.tier == common_pb2.TIER_HOST and state.leases == 1
     assert im.thread.call(im.app.reporter.flush())  # type: ignore[union-attr]
     loc = demo_mesh.stub.Locate(coordinator_pb2.LocateRequest(component_ids=[rec.id])).locations[0]
@@ -136,26 +137,26 @@ def test_fuse_stores_an_overlay_of_exactly_the_merged_tensors(im: Im, demo_mesh:
 def test_bad_fuse_requests_are_refused_and_the_service_keeps_serving(
     im: Im, kw: dict[str, str], loras: list[tuple[str, float]], code: grpc.StatusCode, needle: str
 ) -> None:
-    err = _error(lambda: _fuse(im, loras, **kw))
+    err = rpc_error(lambda: _fuse(im, loras, **kw))
     assert err.code() == code, err.details()
     assert needle in (err.details() or "")
-    assert all(c.leases == 0 or c.component_id.startswith("fused-") for c in _stats(im).components)
+    assert all(c.leases == 0 or c.component_id.startswith("fused-") for c in im_stats(im).components)
     assert _fuse(im, [("lora-sketch", 0.3)]).component.kind == common_pb2.COMPONENT_KIND_FUSED
 
 
 def test_fuse_without_a_coordinator_fails_precondition(tmp_path: Path) -> None:
-    lone, channel = _start_im(None, tmp_path / "ssd")
+    lone, channel = start_im(None, tmp_path / "ssd")
     try:
-        err = _error(lambda: _fuse(lone))
+        err = rpc_error(lambda: _fuse(lone))
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         channel.close()
         lone.thread.stop()
 
 
-def test_worker_runs_the_overlay_without_touching_the_base(im: Im, demo_mesh: Mesh) -> None:
+def test_worker_runs_the_overlay_without_touching_the_base(im: Im, demo_mesh: ImMesh) -> None:
     from diffmesh_worker.assemble import DevicePlacement, build_base
-    from diffmesh_worker.overlay import fused_unet
+    from diffmesh_worker.overlay_reader import fused_unet
     from diffmesh_worker.shm_mapping import SegmentMapper
 
     fused = _fuse(im, [("lora-neon", 0.7)], holder="worker-o")
@@ -203,14 +204,14 @@ def test_the_overlay_is_an_ssd_copy_bounded_like_any_other(im: Im) -> None:
     assert not (ssd_dir / "derived").exists()
     entry = im.app.store.ssd_entries[rec.id]
     assert entry.kind == common_pb2.COMPONENT_KIND_FUSED and entry.sha256 == rec.sha256
-    ssd = next(t for t in _stats(im).tiers if t.tier == common_pb2.TIER_SSD)
+    ssd = next(t for t in im_stats(im).tiers if t.tier == common_pb2.TIER_SSD)
     assert ssd.used_bytes == sum(e.bytes for e in im.app.store.ssd_entries.values()) >= rec.bytes
     assert list((ssd_dir / "tmp").iterdir()) == []
 
 
-def test_another_node_derives_a_registered_overlay_again(im: Im, demo_mesh: Mesh, tmp_path: Path) -> None:
+def test_another_node_derives_a_registered_overlay_again(im: Im, demo_mesh: ImMesh, tmp_path: Path) -> None:
     first = _fuse(im, [("lora-ink", 0.4), ("lora-sketch", 0.9)])
-    other, channel = _start_im(demo_mesh, tmp_path / "other-ssd", host_capacity_bytes=64 * MIB)
+    other, channel = start_im(demo_mesh, tmp_path / "other-ssd", host_capacity_bytes=64 * MIB)
     try:
         acq = other.stub.Acquire(
             instance_manager_pb2.AcquireRequest(component_ids=[first.component.id], holder="w-other"), timeout=120
@@ -226,7 +227,7 @@ def test_another_node_derives_a_registered_overlay_again(im: Im, demo_mesh: Mesh
         other.thread.stop()
 
 
-def _register_fused(demo_mesh: Mesh, cid: str, sha256: str, labels: dict[str, str]) -> None:
+def _register_fused(demo_mesh: ImMesh, cid: str, sha256: str, labels: dict[str, str]) -> None:
     demo_mesh.stub.RegisterComponent(
         coordinator_pb2.RegisterComponentRequest(
             component=common_pb2.Component(
@@ -252,19 +253,19 @@ def _register_fused(demo_mesh: Mesh, cid: str, sha256: str, labels: dict[str, st
     ],
 )
 def test_an_overlay_that_cannot_be_derived_as_registered_is_refused(
-    im: Im, demo_mesh: Mesh, labels: dict[str, str], code: grpc.StatusCode, needle: str
+    im: Im, demo_mesh: ImMesh, labels: dict[str, str], code: grpc.StatusCode, needle: str
 ) -> None:
     cid = f"fused-bad-{uuid.uuid4().hex[:8]}"
     _register_fused(demo_mesh, cid, "0" * 64, labels)
-    err = _error(lambda: im.stub.Acquire(instance_manager_pb2.AcquireRequest(component_ids=[cid], holder="w"), timeout=120))
+    err = rpc_error(lambda: im.stub.Acquire(instance_manager_pb2.AcquireRequest(component_ids=[cid], holder="w"), timeout=120))
     assert err.code() == code, err.details()
     assert needle in (err.details() or "")
-    assert cid not in im.app.store.ssd_entries and _state(_stats(im), cid) is None
+    assert cid not in im.app.store.ssd_entries and component_state(im_stats(im), cid) is None
     assert list((im.app.settings.ssd_path() / "tmp").iterdir()) == []
     assert _fuse(im, [("lora-sketch", 0.3)]).component.kind == common_pb2.COMPONENT_KIND_FUSED  # still serving
 
 
-def test_fuse_into_a_full_ssd_tier_is_resource_exhausted_and_publishes_nothing(demo_mesh: Mesh, tmp_path: Path) -> None:
+def test_fuse_into_a_full_ssd_tier_is_resource_exhausted_and_publishes_nothing(demo_mesh: ImMesh, tmp_path: Path) -> None:
     from diffmesh.errors import retry_after_ms
 
     inputs = [BASE_ID, "lora-pastel"]
@@ -274,14 +275,14 @@ def test_fuse_into_a_full_ssd_tier_is_resource_exhausted_and_publishes_nothing(d
         if c.id in inputs
     }
     # Room for the pinned inputs and nothing more: the overlay cannot be given space.
-    tight, channel = _start_im(
+    tight, channel = start_im(
         demo_mesh,
         tmp_path / "ssd",
         ssd_capacity_bytes=sum(sizes.values()) + 1024,
         pinned_components=inputs,
     )
     try:
-        err = _error(lambda: _fuse(tight, [("lora-pastel", 0.5)], fused_id="fused-no-room"))
+        err = rpc_error(lambda: _fuse(tight, [("lora-pastel", 0.5)], fused_id="fused-no-room"))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
         assert "SSD tier full" in (err.details() or "") and (retry_after_ms(err) or 0) > 0
         assert "fused-no-room" not in tight.app.store.ssd_entries

@@ -19,27 +19,26 @@ import grpc
 import pytest
 from diffmesh.v1 import common_pb2
 
-from tests.contract.test_instance_manager import (
+from tests.support.im import (
     BASE,
     LORA,
     Im,
-    Mesh,
-    _acquire,
-    _assert_tensors_match,
-    _base,
-    _error,
-    _lora,
-    _nothing_published,
-    _refused_publishing_nothing,
-    _register,
-    _release,
-    _start_im,
-    _state,
-    _stats,
-    _tier,
-    _wait_for,
-    mesh,  # noqa: F401 - the module-scoped fixture
+    ImMesh,
+    acquire,
+    assert_nothing_published,
+    assert_refused_publishing_nothing,
+    assert_tensors_match,
+    component_state,
+    im_stats,
+    register_component,
+    release,
+    rpc_error,
+    start_im,
+    tier_stats,
+    write_base,
+    write_lora,
 )
+from tests.support.waiting import wait_for
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -131,22 +130,22 @@ class Web:
 
 
 @pytest.fixture(scope="module")
-def web(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:  # noqa: F811
+def web(im_mesh: ImMesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
     root = tmp_path_factory.mktemp("web")
     models = root / "models"
     for sub in ("cut", "flaky", "slow", "pair"):
         (models / sub).mkdir(parents=True)
     (root / "private").mkdir()
-    _lora(models / "lora-h.safetensors", 40)
-    _lora(models / "lora-many.safetensors", 41)
-    _lora(models / "cut" / "lora-cut.safetensors", 42, rows=4096)
-    _lora(models / "flaky" / "lora-flaky.safetensors", 43, rows=4096)
-    _lora(root / "private" / "lora-p.safetensors", 44)
-    _lora(models / "slow" / "lora-slow.safetensors", 47)
-    _lora(models / "pair" / "lora-pair.safetensors", 48, rows=300_000)  # ~9.6 MB: two 8 MiB ranges
-    _base(models / "base-h", 45)
+    write_lora(models / "lora-h.safetensors", 40)
+    write_lora(models / "lora-many.safetensors", 41)
+    write_lora(models / "cut" / "lora-cut.safetensors", 42, rows=4096)
+    write_lora(models / "flaky" / "lora-flaky.safetensors", 43, rows=4096)
+    write_lora(root / "private" / "lora-p.safetensors", 44)
+    write_lora(models / "slow" / "lora-slow.safetensors", 47)
+    write_lora(models / "pair" / "lora-pair.safetensors", 48, rows=300_000)  # ~9.6 MB: two 8 MiB ranges
+    write_base(models / "base-h", 45)
     (models / "base-h" / "README.md").unlink()
-    _base(models / "base-pickle", 46)
+    write_base(models / "base-pickle", 46)
     (models / "base-pickle" / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
     counts: Counter[str] = Counter()
     gate = threading.Event()
@@ -160,7 +159,7 @@ def web(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]: 
     url = f"http://127.0.0.1:{server.server_port}"
 
     def add(cid: str, kind: int, rel: str, uri: str | None = None) -> None:
-        _register(mesh.stub, cid, kind, uri or f"{url}/{rel}", root / rel)
+        register_component(im_mesh.stub, cid, kind, uri or f"{url}/{rel}", root / rel)
 
     add("http-lora", LORA, "models/lora-h.safetensors")
     add("http-many", LORA, "models/lora-many.safetensors")
@@ -174,7 +173,8 @@ def web(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]: 
     add("http-base", BASE, "models/base-h", uri=f"{url}/models/base-h/")
     add("http-pickle", BASE, "models/base-pickle", uri=f"{url}/models/base-pickle/")
     shutil.copy(root / "models/lora-h.safetensors", root / "models/lora-badsha.safetensors")
-    _register(mesh.stub, "http-badsha", LORA, f"{url}/models/lora-badsha.safetensors", root / "private/lora-p.safetensors")
+    badsha_uri = f"{url}/models/lora-badsha.safetensors"
+    register_component(im_mesh.stub, "http-badsha", LORA, badsha_uri, root / "private/lora-p.safetensors")
     yield Web(url, root, counts, gate)
     gate.set()
     server.shutdown()
@@ -182,9 +182,9 @@ def web(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]: 
 
 
 @pytest.fixture(scope="module")
-def im(mesh: Mesh, web: Web, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Im]:  # noqa: F811
-    running, channel = _start_im(
-        mesh, tmp_path_factory.mktemp("im-http-ssd"), allowed_roots=[str(mesh.root), f"{web.url}/models/"]
+def im(im_mesh: ImMesh, web: Web, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Im]:
+    running, channel = start_im(
+        im_mesh, tmp_path_factory.mktemp("im-http-ssd"), allowed_roots=[str(im_mesh.root), f"{web.url}/models/"]
     )
     yield running
     channel.close()
@@ -194,72 +194,74 @@ def im(mesh: Mesh, web: Web, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def test_http_file_is_fetched_with_range_requests_and_verified(im: Im, web: Web) -> None:
-    resp = _acquire(im, "http-lora")
+    resp = acquire(im, "http-lora")
     handle = resp.handles[0]
     assert handle.source_tier == common_pb2.TIER_REMOTE
-    _assert_tensors_match(handle.files[0], web.root / "models/lora-h.safetensors")
+    assert_tensors_match(handle.files[0], web.root / "models/lora-h.safetensors")
     assert web.counts["/models/lora-h.safetensors"] == 1  # one ranged GET (the file is smaller than a range)
-    ssd = _tier(_stats(im), common_pb2.TIER_SSD)
+    ssd = tier_stats(im_stats(im), common_pb2.TIER_SSD)
     assert ssd.loaded_bytes >= (web.root / "models/lora-h.safetensors").stat().st_size and ssd.load_gbps > 0
-    _release(im, resp.lease_id)
+    release(im, resp.lease_id)
 
 
 def test_http_folder_is_walked_through_index_pages(im: Im, web: Web) -> None:
-    resp = _acquire(im, "http-base")
+    resp = acquire(im, "http-base")
     base = resp.handles[0]
     assert [f.relpath for f in base.files] == ["unet/diffusion_pytorch_model.safetensors"]
-    _assert_tensors_match(base.files[0], web.root / "models/base-h/unet/diffusion_pytorch_model.safetensors")
+    assert_tensors_match(base.files[0], web.root / "models/base-h/unet/diffusion_pytorch_model.safetensors")
     assert {c.relpath for c in base.configs} == {"model_index.json", "unet/config.json", "tokenizer/vocab.json"}
-    _release(im, resp.lease_id)
+    release(im, resp.lease_id)
 
 
 def test_concurrent_acquires_fetch_once(im: Im, web: Web) -> None:
     with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda i: _acquire(im, "http-many", holder=f"w{i}"), range(6)))
+        results = list(pool.map(lambda i: acquire(im, "http-many", holder=f"w{i}"), range(6)))
     assert len({r.handles[0].files[0].segment for r in results}) == 1
     assert web.counts["/models/lora-many.safetensors"] == 1
     for r in results:
-        _release(im, r.lease_id)
+        release(im, r.lease_id)
 
 
 def test_a_transfer_cut_halfway_publishes_nothing_and_the_service_keeps_serving(im: Im, web: Web) -> None:
-    err = _error(lambda: _acquire(im, "http-cut"))
+    err = rpc_error(lambda: acquire(im, "http-cut"))
     assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
     assert "nothing was published" in (err.details() or "")
     assert web.counts["/models/cut/lora-cut.safetensors"] == 3  # each range is retried, then the fetch gives up
-    _nothing_published(im, "http-cut")
-    _release(im, _acquire(im, "http-lora").lease_id)
+    assert_nothing_published(im, "http-cut")
+    release(im, acquire(im, "http-lora").lease_id)
 
 
 def test_a_dropped_range_is_resumed(im: Im, web: Web) -> None:
-    handle = _acquire(im, "http-flaky").handles[0]
-    _assert_tensors_match(handle.files[0], web.root / "models/flaky/lora-flaky.safetensors")
+    handle = acquire(im, "http-flaky").handles[0]
+    assert_tensors_match(handle.files[0], web.root / "models/flaky/lora-flaky.safetensors")
     assert web.counts["/models/flaky/lora-flaky.safetensors"] == 2
 
 
 def test_ranges_of_one_file_are_read_in_parallel(im: Im, web: Web) -> None:
     # The server answers each of the two ranges only while the other is in flight too.
-    resp = _acquire(im, "http-pair")
-    _assert_tensors_match(resp.handles[0].files[0], web.root / "models/pair/lora-pair.safetensors")
+    resp = acquire(im, "http-pair")
+    assert_tensors_match(resp.handles[0].files[0], web.root / "models/pair/lora-pair.safetensors")
     assert web.counts["/models/pair/lora-pair.safetensors"] == 2
-    _release(im, resp.lease_id)
+    release(im, resp.lease_id)
 
 
 def test_a_slow_lora_never_delays_the_base(im: Im, web: Web) -> None:
     web.gate.clear()
     try:
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(_acquire, im, "http-slow", "base-a")
+            pending = pool.submit(acquire, im, "http-slow", "base-a")
             # The base becomes HOST-resident while the LoRA's transfer is still held back.
-            _wait_for(lambda: (s := _state(_stats(im), "base-a")) is not None and s.tier == common_pb2.TIER_HOST, "the base")
+            wait_for(
+                lambda: (s := component_state(im_stats(im), "base-a")) is not None and s.tier == common_pb2.TIER_HOST, "the base"
+            )
             assert not pending.done()
-            assert _state(_stats(im), "http-slow") is None
+            assert component_state(im_stats(im), "http-slow") is None
             web.gate.set()
             resp = pending.result(timeout=60)
     finally:
         web.gate.set()
     assert [h.component_id for h in resp.handles] == ["http-slow", "base-a"]
-    _release(im, resp.lease_id)
+    release(im, resp.lease_id)
 
 
 @pytest.mark.parametrize(
@@ -273,7 +275,7 @@ def test_a_slow_lora_never_delays_the_base(im: Im, web: Web) -> None:
     ],
 )
 def test_bad_http_sources_are_refused(im: Im, web: Web, cid: str, code: grpc.StatusCode, needle: str) -> None:
-    _refused_publishing_nothing(im, cid, code, needle)
+    assert_refused_publishing_nothing(im, cid, code, needle)
     assert web.counts["/private/lora-p.safetensors"] == 0
-    _release(im, _acquire(im, "http-lora").lease_id)
+    release(im, acquire(im, "http-lora").lease_id)
 

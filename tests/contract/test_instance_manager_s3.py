@@ -14,31 +14,31 @@ import grpc
 import pytest
 from diffmesh.errors import FailedPrecondition, NotFound, PermissionDenied, Unavailable
 from diffmesh.v1 import common_pb2
-from diffmesh_instance_manager.remote import RemoteAccess
-from diffmesh_instance_manager.s3_fetch import S3Fetcher, S3Options
+from diffmesh_instance_manager.fetch_options import S3Options
+from diffmesh_instance_manager.remote_access import RemoteAccess
+from diffmesh_instance_manager.s3_fetch import S3Fetcher
 from diffmesh_instance_manager.settings import InstanceManagerSettings
 
-from tests.contract.test_instance_manager import (
+from tests.support.cutting_proxy import CuttingProxy
+from tests.support.im import (
     BASE,
     LORA,
     Im,
-    Mesh,
-    _acquire,
-    _assert_tensors_match,
-    _base,
-    _error,
-    _lora,
-    _nothing_published,
-    _refused_publishing_nothing,
-    _register,
-    _release,
-    _start_im,
-    _stats,
-    _tier,
-    mesh,  # noqa: F401 - the module-scoped fixture
+    ImMesh,
+    acquire,
+    assert_nothing_published,
+    assert_refused_publishing_nothing,
+    assert_tensors_match,
+    im_stats,
+    register_component,
+    release,
+    rpc_error,
+    start_im,
+    tier_stats,
+    write_base,
+    write_lora,
 )
-from tests.cutting_proxy import CuttingProxy
-from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
+from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
 
 BIG_ROWS = 300_000  # two fp32 factors of 300k x 4: ~9.6 MB, two 8 MiB ranges
 
@@ -58,7 +58,7 @@ class S3:
 
 
 @pytest.fixture(scope="module")
-def s3(mesh: Mesh, s3_server: SeaweedS3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:  # noqa: F811
+def s3(im_mesh: ImMesh, s3_server: SeaweedS3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
     tag = uuid.uuid4().hex[:8]
     bucket, private = f"models-{tag}", f"private-{tag}"
     fs = s3_server.filesystem()
@@ -66,17 +66,17 @@ def s3(mesh: Mesh, s3_server: SeaweedS3, tmp_path_factory: pytest.TempPathFactor
     fs.mkdir(private)
     local = tmp_path_factory.mktemp("s3-originals")
     files = {
-        "models/lora-s.safetensors": _lora(local / "lora-s.safetensors", 60),
-        "models/lora-many.safetensors": _lora(local / "lora-many.safetensors", 61),
-        "models/lora-cut.safetensors": _lora(local / "lora-cut.safetensors", 62, rows=4096),
-        "models/lora-big.safetensors": _lora(local / "lora-big.safetensors", 63, rows=BIG_ROWS),
-        "models/lora-badsha.safetensors": _lora(local / "lora-badsha.safetensors", 64),
-        "other/lora-o.safetensors": _lora(local / "lora-o.safetensors", 65),
+        "models/lora-s.safetensors": write_lora(local / "lora-s.safetensors", 60),
+        "models/lora-many.safetensors": write_lora(local / "lora-many.safetensors", 61),
+        "models/lora-cut.safetensors": write_lora(local / "lora-cut.safetensors", 62, rows=4096),
+        "models/lora-big.safetensors": write_lora(local / "lora-big.safetensors", 63, rows=BIG_ROWS),
+        "models/lora-badsha.safetensors": write_lora(local / "lora-badsha.safetensors", 64),
+        "other/lora-o.safetensors": write_lora(local / "lora-o.safetensors", 65),
     }
-    base = _base(local / "base-s", 66)
+    base = write_base(local / "base-s", 66)
     (base / "README.md").unlink()
     (base / ".hidden-marker").write_text("hidden files are not part of an artifact")
-    pickled = _base(local / "base-pickle", 67)
+    pickled = write_base(local / "base-pickle", 67)
     (pickled / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
     for key, path in files.items():
         fs.put_file(str(path), f"{bucket}/{key}")
@@ -86,7 +86,7 @@ def s3(mesh: Mesh, s3_server: SeaweedS3, tmp_path_factory: pytest.TempPathFactor
     (base / ".hidden-marker").unlink()  # the catalog digest of the folder, as registered, skips hidden files
 
     def add(cid: str, kind: int, uri: str, original: Path) -> None:
-        _register(mesh.stub, cid, kind, uri, original)
+        register_component(im_mesh.stub, cid, kind, uri, original)
 
     add("s3-lora", LORA, f"s3://{bucket}/models/lora-s.safetensors", files["models/lora-s.safetensors"])
     add("s3-many", LORA, f"s3://{bucket}/models/lora-many.safetensors", files["models/lora-many.safetensors"])
@@ -107,11 +107,11 @@ def s3(mesh: Mesh, s3_server: SeaweedS3, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="module")
-def im(mesh: Mesh, s3: S3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Im]:  # noqa: F811
-    running, channel = _start_im(
-        mesh,
+def im(im_mesh: ImMesh, s3: S3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Im]:
+    running, channel = start_im(
+        im_mesh,
         tmp_path_factory.mktemp("im-s3-ssd"),
-        allowed_roots=[str(mesh.root), f"s3://{s3.bucket}/models/"],
+        allowed_roots=[str(im_mesh.root), f"s3://{s3.bucket}/models/"],
         s3_endpoint_url=s3.proxy.endpoint,
         s3_region="us-east-1",
         s3_access_key_id=ACCESS_KEY,
@@ -125,41 +125,41 @@ def im(mesh: Mesh, s3: S3, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 def _still_serving(im: Im) -> None:
-    _release(im, _acquire(im, "s3-lora").lease_id)
+    release(im, acquire(im, "s3-lora").lease_id)
 
 
 def test_s3_object_is_fetched_with_ranged_gets_and_verified(im: Im, s3: S3) -> None:
-    resp = _acquire(im, "s3-lora")
+    resp = acquire(im, "s3-lora")
     handle = resp.handles[0]
     assert handle.source_tier == common_pb2.TIER_REMOTE
-    _assert_tensors_match(handle.files[0], s3.local / "lora-s.safetensors")
+    assert_tensors_match(handle.files[0], s3.local / "lora-s.safetensors")
     assert s3.get_count("models/lora-s.safetensors") == 1  # one ranged GET: the object is smaller than a range
-    ssd = _tier(_stats(im), common_pb2.TIER_SSD)
+    ssd = tier_stats(im_stats(im), common_pb2.TIER_SSD)
     assert ssd.loaded_bytes >= (s3.local / "lora-s.safetensors").stat().st_size and ssd.load_gbps > 0
-    _release(im, resp.lease_id)
-    again = _acquire(im, "s3-lora")
+    release(im, resp.lease_id)
+    again = acquire(im, "s3-lora")
     assert again.handles[0].source_tier == common_pb2.TIER_HOST
     assert s3.get_count("models/lora-s.safetensors") == 1
-    _release(im, again.lease_id)
+    release(im, again.lease_id)
 
 
 def test_s3_folder_prefix_is_listed_and_fetched(im: Im, s3: S3) -> None:
-    resp = _acquire(im, "s3-base")
+    resp = acquire(im, "s3-base")
     base = resp.handles[0]
     assert [f.relpath for f in base.files] == ["unet/diffusion_pytorch_model.safetensors"]
-    _assert_tensors_match(base.files[0], s3.local / "base-s/unet/diffusion_pytorch_model.safetensors")
+    assert_tensors_match(base.files[0], s3.local / "base-s/unet/diffusion_pytorch_model.safetensors")
     assert {c.relpath for c in base.configs} == {"model_index.json", "unet/config.json", "tokenizer/vocab.json"}
     assert s3.get_count("models/base-s/.hidden-marker") == 0
-    _release(im, resp.lease_id)
+    release(im, resp.lease_id)
 
 
 def test_concurrent_acquires_fetch_once(im: Im, s3: S3) -> None:
     with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda i: _acquire(im, "s3-many", holder=f"w{i}"), range(6)))
+        results = list(pool.map(lambda i: acquire(im, "s3-many", holder=f"w{i}"), range(6)))
     assert len({r.handles[0].files[0].segment for r in results}) == 1
     assert s3.get_count("models/lora-many.safetensors") == 1
     for r in results:
-        _release(im, r.lease_id)
+        release(im, r.lease_id)
 
 
 def test_a_transfer_cut_halfway_publishes_nothing_and_the_service_keeps_serving(im: Im, s3: S3) -> None:
@@ -167,18 +167,18 @@ def test_a_transfer_cut_halfway_publishes_nothing_and_the_service_keeps_serving(
     cuts = s3.proxy.cuts
     s3.proxy.cut("/models/lora-cut.safetensors", after_bytes=size // 2)
     try:
-        err = _error(lambda: _acquire(im, "s3-cut"))
+        err = rpc_error(lambda: acquire(im, "s3-cut"))
     finally:
         s3.proxy.clear()
     assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
     assert "nothing was published" in (err.details() or "")
     assert s3.get_count("models/lora-cut.safetensors") == 3  # the range is retried, then the fetch gives up
     assert s3.proxy.cuts - cuts == 3
-    _nothing_published(im, "s3-cut")
+    assert_nothing_published(im, "s3-cut")
     _still_serving(im)
     # Once the network is whole again the same component loads.
-    handle = _acquire(im, "s3-cut").handles[0]
-    _assert_tensors_match(handle.files[0], s3.local / "lora-cut.safetensors")
+    handle = acquire(im, "s3-cut").handles[0]
+    assert_tensors_match(handle.files[0], s3.local / "lora-cut.safetensors")
 
 
 def test_a_dropped_range_is_resumed_from_that_range(im: Im, s3: S3) -> None:
@@ -189,13 +189,13 @@ def test_a_dropped_range_is_resumed_from_that_range(im: Im, s3: S3) -> None:
     cuts = s3.proxy.cuts
     s3.proxy.cut("/" + key, after_bytes=1024 * 1024, times=1, skip=1)
     try:
-        resp = _acquire(im, "s3-big")
+        resp = acquire(im, "s3-big")
     finally:
         s3.proxy.clear()
-    _assert_tensors_match(resp.handles[0].files[0], s3.local / "lora-big.safetensors")
+    assert_tensors_match(resp.handles[0].files[0], s3.local / "lora-big.safetensors")
     assert s3.get_count(key) == 3  # range 1, range 2 cut, range 2 again — not the whole object twice
     assert s3.proxy.cuts - cuts == 1
-    _release(im, resp.lease_id)
+    release(im, resp.lease_id)
 
 
 @pytest.mark.parametrize(
@@ -211,14 +211,14 @@ def test_a_dropped_range_is_resumed_from_that_range(im: Im, s3: S3) -> None:
     ],
 )
 def test_bad_s3_sources_are_refused(im: Im, s3: S3, cid: str, code: grpc.StatusCode, needle: str) -> None:
-    _refused_publishing_nothing(im, cid, code, needle)
+    assert_refused_publishing_nothing(im, cid, code, needle)
     assert s3.get_count("models/lora-p.safetensors", bucket=s3.private) == 0
     assert s3.get_count("other/lora-o.safetensors") == 0
     _still_serving(im)
 
 
 def _fetch_source(s3: S3, key: str) -> tuple[object, str]:
-    from diffmesh_instance_manager.remote import Source
+    from diffmesh_instance_manager.fetch_common import Source
 
     uri = f"s3://{s3.bucket}/{key}"
     source = RemoteAccess([f"s3://{s3.bucket}"]).resolve("c", uri)

@@ -21,23 +21,22 @@ from diffmesh_coordinator.settings import CoordinatorSettings
 from diffmesh_instance_manager.host import list_segments
 from diffmesh_instance_manager.pool import list_pools
 
-from tests.contract.test_instance_manager import (
+from tests.support.im import (
     LORA,
     Im,
-    Mesh,
-    _acquire,
-    _assert_tensors_match,
-    _error,
-    _lora,
-    _register,
-    _release,
-    _start_im,
-    _state,
-    _stats,
-    _tier,
-    _wait_for,
-    mesh,  # noqa: F401 - the module-scoped fixture
+    ImMesh,
+    acquire,
+    assert_tensors_match,
+    component_state,
+    im_stats,
+    register_component,
+    release,
+    rpc_error,
+    start_im,
+    tier_stats,
+    write_lora,
 )
+from tests.support.waiting import wait_for
 
 MIB = 1024 * 1024
 HOST = common_pb2.TIER_HOST
@@ -51,17 +50,17 @@ def _raw(path: Path, header: Mapping[str, object], data: bytes, declared_len: in
 
 
 @pytest.fixture(scope="module")
-def extra(mesh: Mesh) -> Mesh:  # noqa: F811
-    """Artifacts for this module, registered in the mesh's catalog."""
-    root = mesh.root / "tiers"
+def extra(im_mesh: ImMesh) -> ImMesh:
+    """Artifacts for this module, registered in the catalog of ``im_mesh``."""
+    root = im_mesh.root / "tiers"
     root.mkdir()
 
     def add(cid: str, path: Path) -> None:
-        mesh.paths[cid] = path
-        _register(mesh.stub, cid, LORA, path.as_uri(), path)
+        im_mesh.paths[cid] = path
+        register_component(im_mesh.stub, cid, LORA, path.as_uri(), path)
 
     for i in range(4):
-        add(f"pool-{i}", _lora(root / f"pool-{i}.safetensors", 100 + i))
+        add(f"pool-{i}", write_lora(root / f"pool-{i}.safetensors", 100 + i))
     f32 = {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     add("bad-headerlen", _raw(root / "bad-headerlen.safetensors", f32, b"\0" * 8, declared_len=10_000))
     f128 = {"x": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}
@@ -73,94 +72,94 @@ def extra(mesh: Mesh) -> Mesh:  # noqa: F811
         "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
     }
     add("bad-overlap", _raw(root / "bad-overlap.safetensors", overlap, b"\0" * 12))
-    return mesh
+    return im_mesh
 
 
 
 @pytest.fixture()
-def pool_im(extra: Mesh, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Im]:
+def pool_im(extra: ImMesh, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Im]:
     """An instance manager whose HOST tier is a 5 MiB pool: two 2 MiB blocks (every artifact here rounds to 2 MiB)."""
     overrides = getattr(request, "param", {})
-    im, channel = _start_im(extra, tmp_path / "ssd", host_capacity_bytes=5 * MIB, **overrides)
+    im, channel = start_im(extra, tmp_path / "ssd", host_capacity_bytes=5 * MIB, **overrides)
     yield im
     channel.close()
     im.thread.stop()
     assert list_segments(im.node_id) == [] and list_pools(im.node_id) == [], "shared memory leaked"
 
 
-def test_pool_serves_tensors_and_reports_classes_fragmentation_and_bandwidth(pool_im: Im, extra: Mesh) -> None:
-    resp = _acquire(pool_im, "pool-0")
+def test_pool_serves_tensors_and_reports_classes_fragmentation_and_bandwidth(pool_im: Im, extra: ImMesh) -> None:
+    resp = acquire(pool_im, "pool-0")
     handle = resp.handles[0]
     assert handle.files[0].segment in list_pools(pool_im.node_id)
     assert handle.files[0].offset % (2 * MIB) == 0  # blocks are 2 MiB aligned for O_DIRECT
-    _assert_tensors_match(handle.files[0], extra.paths["pool-0"])
-    stats = _stats(pool_im)
+    assert_tensors_match(handle.files[0], extra.paths["pool-0"])
+    stats = im_stats(pool_im)
     assert [(c.block_size, c.blocks, c.used) for c in stats.pool_classes] == [(2 * MIB, 2, 1)]
     wasted = stats.pool_classes[0].wasted_bytes
     assert 0 < wasted < 2 * MIB
     assert stats.fragmentation == pytest.approx(wasted / (2 * MIB))
     assert stats.pool_pinned is False  # no CUDA here
-    host, ssd = _tier(stats, HOST), _tier(stats, SSD)
+    host, ssd = tier_stats(stats, HOST), tier_stats(stats, SSD)
     assert host.capacity_bytes == 4 * MIB and host.components == 1 and host.misses == 1
     assert host.load_gbps > 0 and ssd.load_gbps > 0
     size = extra.paths["pool-0"].stat().st_size
     assert host.loaded_bytes >= size
     assert host.direct_bytes in (0, size)  # O_DIRECT, or the buffered fallback where the filesystem refuses it
-    assert _release(pool_im, resp.lease_id) == 1
+    assert release(pool_im, resp.lease_id) == 1
 
 
 def test_full_pool_evicts_by_utility_not_recency(pool_im: Im) -> None:
     # pool-0 is asked for three times, pool-1 once and later: LRU would evict pool-0.
     for _ in range(3):
-        _release(pool_im, _acquire(pool_im, "pool-0").lease_id)
-    _release(pool_im, _acquire(pool_im, "pool-1").lease_id)
-    third = _acquire(pool_im, "pool-2")
-    stats = _stats(pool_im)
-    assert _state(stats, "pool-0").tier == HOST  # type: ignore[union-attr]
-    assert _state(stats, "pool-1").tier == SSD  # type: ignore[union-attr]
-    assert _tier(stats, HOST).evicted_bytes > 0
-    assert _acquire(pool_im, "pool-0").handles[0].source_tier == HOST
-    _release(pool_im, third.lease_id)
+        release(pool_im, acquire(pool_im, "pool-0").lease_id)
+    release(pool_im, acquire(pool_im, "pool-1").lease_id)
+    third = acquire(pool_im, "pool-2")
+    stats = im_stats(pool_im)
+    assert component_state(stats, "pool-0").tier == HOST  # type: ignore[union-attr]
+    assert component_state(stats, "pool-1").tier == SSD  # type: ignore[union-attr]
+    assert tier_stats(stats, HOST).evicted_bytes > 0
+    assert acquire(pool_im, "pool-0").handles[0].source_tier == HOST
+    release(pool_im, third.lease_id)
 
 
 @pytest.mark.parametrize("pool_im", [{"pinned_components": ["pool-0", "pool-1"]}], indirect=True)
 def test_pinned_and_leased_blocks_are_never_evicted(pool_im: Im) -> None:
-    _release(pool_im, _acquire(pool_im, "pool-0").lease_id)  # unleased but pinned by the hot plan
-    leased = _acquire(pool_im, "pool-2")  # the other block, leased
-    err = _error(lambda: _acquire(pool_im, "pool-3"))
+    release(pool_im, acquire(pool_im, "pool-0").lease_id)  # unleased but pinned by the hot plan
+    leased = acquire(pool_im, "pool-2")  # the other block, leased
+    err = rpc_error(lambda: acquire(pool_im, "pool-3"))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
     assert retry_after_ms(err) == 2000
     assert "leased, pinned" in (err.details() or "")
-    stats = _stats(pool_im)
-    assert _state(stats, "pool-0").tier == HOST and _state(stats, "pool-2").tier == HOST  # type: ignore[union-attr]
+    stats = im_stats(pool_im)
+    assert component_state(stats, "pool-0").tier == HOST and component_state(stats, "pool-2").tier == HOST  # type: ignore[union-attr]
     # Still serving; once the lease ends its block is reused, the pinned copy stays.
-    assert _release(pool_im, leased.lease_id) == 1
-    assert _acquire(pool_im, "pool-3").handles[0].source_tier == SSD
-    assert _state(_stats(pool_im), "pool-0").tier == HOST  # type: ignore[union-attr]
+    assert release(pool_im, leased.lease_id) == 1
+    assert acquire(pool_im, "pool-3").handles[0].source_tier == SSD
+    assert component_state(im_stats(pool_im), "pool-0").tier == HOST  # type: ignore[union-attr]
 
 
-def test_artifact_larger_than_the_ssd_tier_is_refused_and_nothing_is_published(extra: Mesh, tmp_path: Path) -> None:
+def test_artifact_larger_than_the_ssd_tier_is_refused_and_nothing_is_published(extra: ImMesh, tmp_path: Path) -> None:
     one = extra.paths["big-1"].stat().st_size
-    im, channel = _start_im(extra, tmp_path / "ssd", ssd_capacity_bytes=one // 2)
+    im, channel = start_im(extra, tmp_path / "ssd", ssd_capacity_bytes=one // 2)
     try:
-        err = _error(lambda: _acquire(im, "big-1"))
+        err = rpc_error(lambda: acquire(im, "big-1"))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
         assert retry_after_ms(err) == 2000 and "SSD" in (err.details() or "")
         ssd = im.app.settings.ssd_path()
         assert list((ssd / "objects").iterdir()) == [] and list((ssd / "tmp").iterdir()) == []
-        assert _state(_stats(im), "big-1") is None
-        _release(im, _acquire(im, "lora-a").lease_id)  # still serving
+        assert component_state(im_stats(im), "big-1") is None
+        release(im, acquire(im, "lora-a").lease_id)  # still serving
     finally:
         channel.close()
         im.thread.stop()
 
 
-def test_pinned_ssd_copies_are_not_evicted(extra: Mesh, tmp_path: Path) -> None:
+def test_pinned_ssd_copies_are_not_evicted(extra: ImMesh, tmp_path: Path) -> None:
     one = extra.paths["big-1"].stat().st_size
-    im, channel = _start_im(extra, tmp_path / "ssd", ssd_capacity_bytes=one + one // 2, pinned_components=["big-1"])
+    im, channel = start_im(extra, tmp_path / "ssd", ssd_capacity_bytes=one + one // 2, pinned_components=["big-1"])
     try:
-        _release(im, _acquire(im, "big-1").lease_id)
-        err = _error(lambda: _acquire(im, "big-2"))
+        release(im, acquire(im, "big-1").lease_id)
+        err = rpc_error(lambda: acquire(im, "big-2"))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
         assert "pinned" in (err.details() or "")
         ssd = im.app.settings.ssd_path()
@@ -168,27 +167,27 @@ def test_pinned_ssd_copies_are_not_evicted(extra: Mesh, tmp_path: Path) -> None:
         assert list((ssd / "tmp").iterdir()) == []
         # Unpinning (the hot plan changed) lets the utility policy evict it.
         im.app.store.set_pinned([])
-        _assert_tensors_match(_acquire(im, "big-2").handles[0].files[0], extra.paths["big-2"])
-        assert _state(_stats(im), "big-1").tier == HOST  # type: ignore[union-attr]
+        assert_tensors_match(acquire(im, "big-2").handles[0].files[0], extra.paths["big-2"])
+        assert component_state(im_stats(im), "big-1").tier == HOST  # type: ignore[union-attr]
     finally:
         channel.close()
         im.thread.stop()
 
 
-def test_leases_of_silent_holders_expire_and_live_workers_keep_theirs(extra: Mesh, tmp_path: Path) -> None:
-    im, channel = _start_im(extra, tmp_path / "ssd", lease_ttl_seconds=0.6)
+def test_leases_of_silent_holders_expire_and_live_workers_keep_theirs(extra: ImMesh, tmp_path: Path) -> None:
+    im, channel = start_im(extra, tmp_path / "ssd", lease_ttl_seconds=0.6)
     try:
         assert im.thread.call(im.app.reporter.flush())  # type: ignore[union-attr]
         worker = coordinator_pb2.WorkerInfo(worker_id="live-worker", node_id=im.node_id, address="127.0.0.1:1", device="cpu")
         extra.stub.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(worker=worker))
-        ghost = _acquire(im, "lora-a", holder="ghost-worker")
+        ghost = acquire(im, "lora-a", holder="ghost-worker")
         assert ghost.lease_ttl_seconds == pytest.approx(0.6)
-        live = _acquire(im, "lora-b", holder="live-worker")
-        _wait_for(lambda: _state(_stats(im), "lora-a").leases == 0, "the ghost's lease to expire")  # type: ignore[union-attr]
-        assert _error(lambda: _release(im, ghost.lease_id)).code() == grpc.StatusCode.NOT_FOUND
+        live = acquire(im, "lora-b", holder="live-worker")
+        wait_for(lambda: component_state(im_stats(im), "lora-a").leases == 0, "the ghost's lease to expire")  # type: ignore[union-attr]
+        assert rpc_error(lambda: release(im, ghost.lease_id)).code() == grpc.StatusCode.NOT_FOUND
         time.sleep(1.5)  # well past the TTL: the live worker's lease is renewed by its coordinator lease
-        assert _state(_stats(im), "lora-b").leases == 1  # type: ignore[union-attr]
-        assert _release(im, live.lease_id) == 1
+        assert component_state(im_stats(im), "lora-b").leases == 1  # type: ignore[union-attr]
+        assert release(im, live.lease_id) == 1
     finally:
         channel.close()
         im.thread.stop()
@@ -204,13 +203,13 @@ def test_leases_of_silent_holders_expire_and_live_workers_keep_theirs(extra: Mes
     ],
 )
 def test_corrupt_safetensors_are_refused_and_the_service_keeps_serving(pool_im: Im, cid: str, needle: str) -> None:
-    err = _error(lambda: _acquire(pool_im, cid))
+    err = rpc_error(lambda: acquire(pool_im, cid))
     assert err.code() == grpc.StatusCode.DATA_LOSS, err.details()
     assert needle in (err.details() or "")
-    stats = _stats(pool_im)
-    assert _state(stats, cid) is None or _state(stats, cid).tier == SSD  # type: ignore[union-attr]
+    stats = im_stats(pool_im)
+    assert component_state(stats, cid) is None or component_state(stats, cid).tier == SSD  # type: ignore[union-attr]
     assert all(c.used == 0 for c in stats.pool_classes)  # no block was kept
-    _release(pool_im, _acquire(pool_im, "pool-0").lease_id)
+    release(pool_im, acquire(pool_im, "pool-0").lease_id)
 
 
 def test_pool_size_classes_follow_the_request_shares_recorded_at_the_coordinator(redis_url: str, tmp_path: Path) -> None:
@@ -225,17 +224,17 @@ def test_pool_size_classes_follow_the_request_shares_recorded_at_the_coordinator
     channel = grpc.insecure_channel(coordinator.address)
     stub = coordinator_pb2_grpc.CacheCoordinatorServiceStub(channel)
     try:
-        paths = {f"w-small-{i}": _lora(tmp_path / f"s{i}.safetensors", 200 + i) for i in range(2)}
-        paths["w-large"] = _lora(tmp_path / "large.safetensors", 210, rows=100_000)
+        paths = {f"w-small-{i}": write_lora(tmp_path / f"s{i}.safetensors", 200 + i) for i in range(2)}
+        paths["w-large"] = write_lora(tmp_path / "large.safetensors", 210, rows=100_000)
         for cid, path in paths.items():
-            _register(stub, cid, LORA, path.as_uri(), path)
-        catalog = Mesh(coordinator, stub, tmp_path, tmp_path, paths)
+            register_component(stub, cid, LORA, path.as_uri(), path)
+        catalog = ImMesh(coordinator, stub, tmp_path, tmp_path, paths)
 
         def classes() -> list[tuple[int, int]]:
-            im, im_channel = _start_im(catalog, tmp_path / "ssd", host_capacity_bytes=24 * MIB, pool_classes=2)
+            im, im_channel = start_im(catalog, tmp_path / "ssd", host_capacity_bytes=24 * MIB, pool_classes=2)
             try:
-                assert _release(im, _acquire(im, "w-large").lease_id) == 1  # the large block class serves
-                return [(c.block_size, c.blocks) for c in _stats(im).pool_classes]
+                assert release(im, acquire(im, "w-large").lease_id) == 1  # the large block class serves
+                return [(c.block_size, c.blocks) for c in im_stats(im).pool_classes]
             finally:
                 im_channel.close()
                 im.thread.stop()

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +33,8 @@ from diffmesh_router.app import RouterApp
 from diffmesh_router.settings import RouterSettings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support.waiting import wait_for
+
 BASE = "sd15-tiny-a"
 LORAS = ("lora-ink", "lora-pastel")
 CONTROLNET = "controlnet-edges"
@@ -50,19 +51,7 @@ def _png(size: tuple[int, int] = (64, 64)) -> bytes:
     return buf.getvalue()
 
 
-def _wait_for(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    """Polls ``check`` until it returns something truthy (no timing is asserted)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-class Mesh:
+class RouterMesh:
     """A coordinator and a router (and optionally IM + worker) on one Redis namespace."""
 
     def __init__(self, redis_url: str, catalog: Path, lease_seconds: float = 15.0) -> None:
@@ -108,7 +97,7 @@ def _xrange(client: redis.Redis, key: str) -> list[tuple[str, dict[str, str]]]:
     return client.xrange(key)  # type: ignore[return-value]  # decode_responses=True gives str
 
 
-def _register_foreign_lora(mesh: Mesh, catalog: Path) -> None:
+def _register_foreign_lora(mesh: RouterMesh, catalog: Path) -> None:
     records = json.loads(catalog.read_text())["components"]
     ink = next(r for r in records if r["id"] == LORAS[0])
     mesh.coord.RegisterComponent(
@@ -128,9 +117,9 @@ def _register_foreign_lora(mesh: Mesh, catalog: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def mesh(redis_url: str, demo_models: Path) -> Iterator[Mesh]:
+def mesh(redis_url: str, demo_models: Path) -> Iterator[RouterMesh]:
     """Coordinator + router, no workers."""
-    m = Mesh(redis_url, demo_models / "catalog.json")
+    m = RouterMesh(redis_url, demo_models / "catalog.json")
     _register_foreign_lora(m, demo_models / "catalog.json")
     yield m
     m.close()
@@ -143,7 +132,7 @@ def _gen_request(**params: Any) -> router_pb2.GenerateRequest:
     return router_pb2.GenerateRequest(pipeline=pipeline, params=common_pb2.GenerationParams(**defaults), tenant="t1")
 
 
-def _assert_still_serving(mesh: Mesh) -> None:
+def _assert_still_serving(mesh: RouterMesh) -> None:
     resp = mesh.stub.ListModels(router_pb2.ListModelsRequest(), timeout=10)
     assert BASE in {m.id for m in resp.models}
 
@@ -155,7 +144,7 @@ def _field(err: grpc.RpcError) -> str | None:
 # -- catalog proxy ----------------------------------------------------------------------
 
 
-def test_list_models_filters_and_pages(mesh: Mesh, demo_models: Path) -> None:
+def test_list_models_filters_and_pages(mesh: RouterMesh, demo_models: Path) -> None:
     expected = {r["id"] for r in json.loads((demo_models / "catalog.json").read_text())["components"]} | {FOREIGN_LORA}
     seen: list[str] = []
     token = ""
@@ -180,7 +169,7 @@ def test_list_models_filters_and_pages(mesh: Mesh, demo_models: Path) -> None:
     _assert_still_serving(mesh)
 
 
-def test_get_model_returns_record_and_residencies(mesh: Mesh) -> None:
+def test_get_model_returns_record_and_residencies(mesh: RouterMesh) -> None:
     resp = mesh.stub.GetModel(router_pb2.GetModelRequest(id=BASE), timeout=10)
     assert resp.model.id == BASE
     assert resp.model.kind == common_pb2.COMPONENT_KIND_BASE
@@ -200,7 +189,7 @@ def test_get_model_returns_record_and_residencies(mesh: Mesh) -> None:
     mesh.coord.ReportResidency(coordinator_pb2.ReportResidencyRequest(node_id=node, updates=[], full_snapshot=True), timeout=10)
 
 
-def test_get_model_errors(mesh: Mesh) -> None:
+def test_get_model_errors(mesh: RouterMesh) -> None:
     with pytest.raises(grpc.RpcError) as err:
         mesh.stub.GetModel(router_pb2.GetModelRequest(id="no-such-model"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -215,7 +204,7 @@ def test_get_model_errors(mesh: Mesh) -> None:
 # -- generation errors (no worker needed) -------------------------------------------------
 
 
-def _call_both(mesh: Mesh, request: router_pb2.GenerateRequest) -> list[grpc.RpcError]:
+def _call_both(mesh: RouterMesh, request: router_pb2.GenerateRequest) -> list[grpc.RpcError]:
     """Sends ``request`` through Generate and GenerateStream; returns both errors."""
     errors = []
     with pytest.raises(grpc.RpcError) as err:
@@ -234,7 +223,7 @@ def _call_both(mesh: Mesh, request: router_pb2.GenerateRequest) -> list[grpc.Rpc
     ("missing", "where"),
     [("no-such-base", "base"), ("no-such-lora", "lora"), ("no-such-cn", "controlnet")],
 )
-def test_unknown_component_is_not_found_naming_it(mesh: Mesh, missing: str, where: str) -> None:
+def test_unknown_component_is_not_found_naming_it(mesh: RouterMesh, missing: str, where: str) -> None:
     request = _gen_request()
     if where == "base":
         request.pipeline.base_id = missing
@@ -293,7 +282,7 @@ BAD_REQUESTS: list[tuple[str, Callable[[router_pb2.GenerateRequest], None], str]
 
 @pytest.mark.parametrize(("name", "mutate", "field"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_input_is_invalid_argument_naming_the_field(
-    mesh: Mesh, name: str, mutate: Callable[[router_pb2.GenerateRequest], None], field: str
+    mesh: RouterMesh, name: str, mutate: Callable[[router_pb2.GenerateRequest], None], field: str
 ) -> None:
     request = _gen_request()
     mutate(request)
@@ -304,14 +293,14 @@ def test_bad_input_is_invalid_argument_naming_the_field(
     _assert_still_serving(mesh)
 
 
-def test_no_live_worker_is_unavailable_and_the_request_is_recorded(mesh: Mesh) -> None:
+def test_no_live_worker_is_unavailable_and_the_request_is_recorded(mesh: RouterMesh) -> None:
     request = _gen_request(num_images=2)
     request.request_id = f"rt-{uuid.uuid4().hex}"
     for error in _call_both(mesh, request):
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert "no live worker" in (error.details() or "")
     # Demand is recorded once validation passed, even though no worker could take it.
-    records = _wait_for(lambda: [r for r in mesh.request_stream() if r["request_id"] == request.request_id], "the request record")
+    records = wait_for(lambda: [r for r in mesh.request_stream() if r["request_id"] == request.request_id], "the request record")
     assert len(records) == 2  # Generate and GenerateStream
     for rec in records:
         assert rec["pipeline_key"] == f"{BASE}|{LORAS[0]}@0.70|"
@@ -324,7 +313,7 @@ def test_no_live_worker_is_unavailable_and_the_request_is_recorded(mesh: Mesh) -
 
 def test_unreachable_workers_are_unavailable_after_one_retry(redis_url: str, demo_models: Path) -> None:
     # Own namespace: these dead workers must not leak into other tests' placement.
-    dead = Mesh(redis_url, demo_models / "catalog.json")
+    dead = RouterMesh(redis_url, demo_models / "catalog.json")
     try:
         node = "dead-node"
         dead.coord.RegisterNode(
@@ -348,7 +337,7 @@ def test_unreachable_workers_are_unavailable_after_one_retry(redis_url: str, dem
         dead.close()
 
 
-def test_router_health(mesh: Mesh) -> None:
+def test_router_health(mesh: RouterMesh) -> None:
     health = health_pb2_grpc.HealthStub(mesh.router_channel)
     for name in ("", "diffmesh.v1.RouterService"):
         status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
@@ -373,7 +362,7 @@ print('served', len(models))
 """
 
 
-def test_router_imports_and_serves_without_torch(mesh: Mesh) -> None:
+def test_router_imports_and_serves_without_torch(mesh: RouterMesh) -> None:
     out = subprocess.run(
         [sys.executable, "-c", TORCH_FREE, mesh.coordinator.address], capture_output=True, text=True, timeout=120
     )
@@ -445,7 +434,7 @@ def _worker_status(address: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def live(redis_url: str, demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def live(redis_url: str, demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterMesh]:
     """Coordinator + router + one instance manager + two CPU workers on node ``rt-node``."""
     worker_app = pytest.importorskip(
         "diffmesh_worker.app", reason="services/worker is not built yet", exc_type=ModuleNotFoundError
@@ -454,7 +443,7 @@ def live(redis_url: str, demo_models: Path, tmp_path_factory: pytest.TempPathFac
     im_app = pytest.importorskip("diffmesh_instance_manager.app", exc_type=ModuleNotFoundError)
     im_settings = pytest.importorskip("diffmesh_instance_manager.settings", exc_type=ModuleNotFoundError)
 
-    m = Mesh(redis_url, demo_models / "catalog.json")
+    m = RouterMesh(redis_url, demo_models / "catalog.json")
     try:
         im = ServerThread(
             im_app.InstanceManagerApp(
@@ -486,7 +475,7 @@ def live(redis_url: str, demo_models: Path, tmp_path_factory: pytest.TempPathFac
             nodes = m.coord.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=10).nodes
             return {w.worker_id for n in nodes if n.node_id == NODE for w in n.workers}
 
-        _wait_for(lambda: {"w1", "w2"} <= live_workers(), "both workers to register", timeout=60)
+        wait_for(lambda: {"w1", "w2"} <= live_workers(), "both workers to register", timeout=60)
     except BaseException:
         m.close()
         raise
@@ -494,7 +483,7 @@ def live(redis_url: str, demo_models: Path, tmp_path_factory: pytest.TempPathFac
     m.close()
 
 
-def _worker_address(mesh: Mesh, worker_id: str) -> str:
+def _worker_address(mesh: RouterMesh, worker_id: str) -> str:
     nodes = mesh.coord.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=10).nodes
     return next(w.address for n in nodes for w in n.workers if w.worker_id == worker_id)
 
@@ -509,7 +498,7 @@ def _decode(png: bytes) -> tuple[int, int]:
         return img.size
 
 
-def test_generate_returns_images_from_a_live_worker(live: Mesh) -> None:
+def test_generate_returns_images_from_a_live_worker(live: RouterMesh) -> None:
     request = _gen_request(num_images=2, width=64, height=72)
     resp = live.stub.Generate(request, timeout=300)
     result = resp.result
@@ -529,7 +518,7 @@ def test_generate_returns_images_from_a_live_worker(live: Mesh) -> None:
     assert {load.component_id for load in gpu} == {BASE, LORAS[0]}
 
     # GetModel shows the copies the worker and the instance manager reported.
-    model = _wait_for(
+    model = wait_for(
         lambda: [
             r
             for r in live.stub.GetModel(router_pb2.GetModelRequest(id=BASE), timeout=10).residencies
@@ -540,7 +529,7 @@ def test_generate_returns_images_from_a_live_worker(live: Mesh) -> None:
     assert model[0].node_id == NODE
 
 
-def test_generate_stream_event_order(live: Mesh) -> None:
+def test_generate_stream_event_order(live: RouterMesh) -> None:
     steps = 3
     base = "sd15-tiny-b"  # not yet loaded anywhere: the stream shows loading events
     request = router_pb2.GenerateStreamRequest(
@@ -565,7 +554,7 @@ def test_generate_stream_event_order(live: Mesh) -> None:
     assert len(result.images) == 1 and _decode(result.images[0].png) == (64, 64)
 
 
-def test_controlnet_request_runs(live: Mesh) -> None:
+def test_controlnet_request_runs(live: RouterMesh) -> None:
     request = _gen_request()
     request.pipeline.controlnets.add(id=CONTROLNET, image=_png(), scale=1.0)
     result = live.stub.Generate(request, timeout=300).result
@@ -573,18 +562,18 @@ def test_controlnet_request_runs(live: Mesh) -> None:
     assert CONTROLNET in {load.component_id for load in result.loads}
 
 
-def _router_idle(mesh: Mesh) -> bool:
+def _router_idle(mesh: RouterMesh) -> bool:
     state = mesh.router_app.state
     return all(state.in_flight.count((NODE, w)) == 0 for w in ("w1", "w2"))
 
 
-def test_client_deadline_and_cancel_reach_the_worker(live: Mesh) -> None:
+def test_client_deadline_and_cancel_reach_the_worker(live: RouterMesh) -> None:
     # Long enough to still be denoising when the 1 s deadline passes, short enough not to stall teardown.
     slow = _gen_request(steps=150, width=128, height=128, num_images=2)
     with pytest.raises(grpc.RpcError) as err:
         live.stub.Generate(slow, timeout=1.0)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _wait_for(lambda: _router_idle(live), "the router to drop the timed-out worker call")
+    wait_for(lambda: _router_idle(live), "the router to drop the timed-out worker call")
 
     call = live.stub.GenerateStream(
         router_pb2.GenerateStreamRequest(pipeline=slow.pipeline, params=slow.params, tenant="t1"), timeout=300
@@ -592,10 +581,10 @@ def test_client_deadline_and_cancel_reach_the_worker(live: Mesh) -> None:
     first = next(call)
     assert first.WhichOneof("event") in {"queued", "loading", "step"}
     call.cancel()
-    _wait_for(lambda: _router_idle(live), "the router to drop the cancelled worker call")
+    wait_for(lambda: _router_idle(live), "the router to drop the cancelled worker call")
     for worker_id in ("w1", "w2"):
         address = _worker_address(live, worker_id)
-        _wait_for(
+        wait_for(
             lambda a=address: (s := _worker_status(a)).running == 0 and s.queue_length == 0,  # type: ignore[misc]
             f"worker {worker_id} to go idle",
             timeout=120,
@@ -604,7 +593,7 @@ def test_client_deadline_and_cancel_reach_the_worker(live: Mesh) -> None:
     assert len(live.stub.Generate(_gen_request(), timeout=300).result.images) == 1
 
 
-def test_unreachable_worker_is_retried_on_the_next_candidate(live: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+def test_unreachable_worker_is_retried_on_the_next_candidate(live: RouterMesh, caplog: pytest.LogCaptureFixture) -> None:
     # A dead worker on the same node that claims the base on its device ranks first.
     base = "sd15-tiny-c"
     live.coord.RegisterWorker(
@@ -622,14 +611,14 @@ def test_unreachable_worker_is_retried_on_the_next_candidate(live: Mesh, caplog:
         assert "a-dead" in {r.worker_id for r in residencies}
         # The router's worker list is reused for 0.2 s; wait until a refresh lists the dead worker.
         directory = live.router_app.state.directory
-        _wait_for(
+        wait_for(
             lambda: "a-dead" in {w.worker_id for w in live.router.call(directory.workers())},  # type: ignore[attr-defined]
             "the router to see the dead worker",
         )
         request = _gen_request()
         request.pipeline.base_id = base
         del request.pipeline.loras[:]
-        with caplog.at_level("WARNING", logger="diffmesh.router.forwarder"):
+        with caplog.at_level("WARNING", logger="diffmesh_router.forwarder"):
             result = live.stub.Generate(request, timeout=300).result
         assert result.worker_id in {"w1", "w2"}
         assert len(result.images) == 1

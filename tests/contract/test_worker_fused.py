@@ -14,7 +14,6 @@ themselves move the image by max 118 / mean 18 levels, so the bounds tell the pi
 from __future__ import annotations
 
 import io
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,11 +25,12 @@ import torch
 from diffmesh.safetensors_header import torch_dtype
 from diffmesh.v1 import common_pb2, coordinator_pb2, instance_manager_pb2, instance_manager_pb2_grpc, worker_pb2
 from diffmesh_worker.assemble import BuiltBase
-from diffmesh_worker.overlay import base_unet_state
+from diffmesh_worker.overlay_reader import base_unet_state
 from PIL import Image
 from safetensors import safe_open
 
-from tests.contract.test_worker import BASE, WORKER_ID, Mesh, _pixels, _request, _run, mesh  # noqa: F401
+from tests.support.waiting import wait_for
+from tests.support.worker import BASE, WORKER_ID, WorkerMesh, make_request, pixels, run
 
 LORAS = (("lora-ink", 0.8), ("lora-pastel", -0.5))
 EXTRA = ("lora-neon", 0.6)
@@ -40,8 +40,8 @@ MEAN_TOL, MAX_TOL = 0.25, 2.0  # in 0..255 pixel levels (see the module docstrin
 
 
 @pytest.fixture(scope="module")
-def im_stub(mesh: Mesh) -> Iterator[instance_manager_pb2_grpc.InstanceManagerServiceStub]:  # noqa: F811
-    channel = grpc.insecure_channel(mesh.im.address)
+def im_stub(worker_mesh: WorkerMesh) -> Iterator[instance_manager_pb2_grpc.InstanceManagerServiceStub]:
+    channel = grpc.insecure_channel(worker_mesh.im.address)
     yield instance_manager_pb2_grpc.InstanceManagerServiceStub(channel)
     channel.close()
 
@@ -111,18 +111,18 @@ def _host_copy_equals_disk(im_stub: instance_manager_pb2_grpc.InstanceManagerSer
         im_stub.Release(instance_manager_pb2.ReleaseRequest(lease_id=acq.lease_id), timeout=10)
 
 
-def _gpu_holders(mesh: Mesh, cid: str) -> list[str]:  # noqa: F811
-    loc = mesh.coord.Locate(coordinator_pb2.LocateRequest(component_ids=[cid]), timeout=10).locations[0]
+def _gpu_holders(worker_mesh: WorkerMesh, cid: str) -> list[str]:
+    loc = worker_mesh.coord.Locate(coordinator_pb2.LocateRequest(component_ids=[cid]), timeout=10).locations[0]
     return [r.worker_id for r in loc.residencies if r.tier == common_pb2.TIER_GPU]
 
 
 def test_fused_overlay_matches_runtime_adapters_and_fuse_lora(
-    mesh: Mesh,  # noqa: F811
+    worker_mesh: WorkerMesh,
     fused_id: str,
     im_stub: instance_manager_pb2_grpc.InstanceManagerServiceStub,
     demo_models: Path,
 ) -> None:
-    events, fused = _run(mesh, _request(seed=SEED, steps=STEPS, base=fused_id, prompt=PROMPT))
+    events, fused = run(worker_mesh, make_request(seed=SEED, steps=STEPS, base=fused_id, prompt=PROMPT))
     loading = [(e.loading.component_id, e.loading.source_tier) for e in events if e.WhichOneof("event") == "loading"]
     assert [cid for cid, _ in loading] == [BASE, fused_id]  # progress in build order: the base first
     assert [(load.component_id, load.kind) for load in fused.loads] == [
@@ -130,9 +130,9 @@ def test_fused_overlay_matches_runtime_adapters_and_fuse_lora(
         (BASE, common_pb2.COMPONENT_KIND_BASE),
     ]
     assert fused.loads[0].source_tier == common_pb2.TIER_HOST  # Fuse left it HOST-resident
-    _, runtime = _run(mesh, _request(seed=SEED, steps=STEPS, loras=LORAS, prompt=PROMPT))
-    _, plain = _run(mesh, _request(seed=SEED, steps=STEPS, prompt=PROMPT))
-    f, r, p = _pixels(fused)[0], _pixels(runtime)[0], _pixels(plain)[0]
+    _, runtime = run(worker_mesh, make_request(seed=SEED, steps=STEPS, loras=LORAS, prompt=PROMPT))
+    _, plain = run(worker_mesh, make_request(seed=SEED, steps=STEPS, prompt=PROMPT))
+    f, r, p = pixels(fused)[0], pixels(runtime)[0], pixels(plain)[0]
     ref, ref_unet = _reference(demo_models, LORAS)
 
     mean_rt, max_rt = _diff(f, r)
@@ -145,7 +145,7 @@ def test_fused_overlay_matches_runtime_adapters_and_fuse_lora(
     assert max_base > MAX_TOL  # the LoRAs do change the image: the bounds discriminate
 
     # The overlay's UNet shares the base's tensors; the shared HOST copy was never written.
-    fused_entry, base_entry = mesh.app.cache.get(fused_id), mesh.app.cache.get(BASE)
+    fused_entry, base_entry = worker_mesh.app.cache.get(fused_id), worker_mesh.app.cache.get(BASE)
     assert fused_entry is not None and isinstance(fused_entry.built, BuiltBase) and fused_entry.built.base_id == BASE
     assert base_entry is not None and isinstance(base_entry.built, BuiltBase)
     base_ptrs = {p.data_ptr() for p in base_entry.built.unet.parameters()}
@@ -167,46 +167,45 @@ def test_fused_overlay_matches_runtime_adapters_and_fuse_lora(
     assert _host_copy_equals_disk(im_stub, demo_models) > 0
 
 
-def test_second_run_of_the_overlay_comes_from_the_device_tier(mesh: Mesh, fused_id: str) -> None:  # noqa: F811
-    _, first = _run(mesh, _request(seed=SEED, steps=STEPS, base=fused_id, prompt=PROMPT))
-    events, second = _run(mesh, _request(seed=SEED, steps=STEPS, base=fused_id, prompt=PROMPT))
+def test_second_run_of_the_overlay_comes_from_the_device_tier(worker_mesh: WorkerMesh, fused_id: str) -> None:
+    _, first = run(worker_mesh, make_request(seed=SEED, steps=STEPS, base=fused_id, prompt=PROMPT))
+    events, second = run(worker_mesh, make_request(seed=SEED, steps=STEPS, base=fused_id, prompt=PROMPT))
     loading = [(e.loading.component_id, e.loading.source_tier) for e in events if e.WhichOneof("event") == "loading"]
     assert loading == [(BASE, common_pb2.TIER_GPU), (fused_id, common_pb2.TIER_GPU)]
     assert [load.source_tier for load in second.loads] == [common_pb2.TIER_GPU, common_pb2.TIER_GPU]
     assert [img.png for img in first.images] == [img.png for img in second.images]
 
-    resident = {r.component_id: r.bytes for r in mesh.stub.Status(worker_pb2.StatusRequest(), timeout=10).resident}
+    resident = {r.component_id: r.bytes for r in worker_mesh.stub.Status(worker_pb2.StatusRequest(), timeout=10).resident}
     assert resident.get(fused_id, 0) > 0 and BASE in resident
-    deadline = time.monotonic() + 10  # residency reports travel off the request path
-    while WORKER_ID not in _gpu_holders(mesh, fused_id) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert WORKER_ID in _gpu_holders(mesh, fused_id)
+    # Residency reports travel off the request path: wait for the report to land.
+    wait_for(lambda: WORKER_ID in _gpu_holders(worker_mesh, fused_id), "the overlay's GPU residency report", timeout=10)
+    assert WORKER_ID in _gpu_holders(worker_mesh, fused_id)
 
 
-def test_runtime_lora_on_top_of_the_overlay(mesh: Mesh, fused_id: str) -> None:  # noqa: F811
-    _, alone = _run(mesh, _request(seed=SEED, steps=STEPS, base=fused_id, prompt=PROMPT))
-    _, on_top = _run(mesh, _request(seed=SEED, steps=STEPS, base=fused_id, loras=(EXTRA,), prompt=PROMPT))
-    _, runtime = _run(mesh, _request(seed=SEED, steps=STEPS, loras=(*LORAS, EXTRA), prompt=PROMPT))
-    _, again = _run(mesh, _request(seed=SEED, steps=STEPS, base=fused_id, prompt=PROMPT))
+def test_runtime_lora_on_top_of_the_overlay(worker_mesh: WorkerMesh, fused_id: str) -> None:
+    _, alone = run(worker_mesh, make_request(seed=SEED, steps=STEPS, base=fused_id, prompt=PROMPT))
+    _, on_top = run(worker_mesh, make_request(seed=SEED, steps=STEPS, base=fused_id, loras=(EXTRA,), prompt=PROMPT))
+    _, runtime = run(worker_mesh, make_request(seed=SEED, steps=STEPS, loras=(*LORAS, EXTRA), prompt=PROMPT))
+    _, again = run(worker_mesh, make_request(seed=SEED, steps=STEPS, base=fused_id, prompt=PROMPT))
     assert [load.component_id for load in on_top.loads] == [fused_id, BASE, EXTRA[0]]
-    a, t, r, g = (_pixels(x)[0] for x in (alone, on_top, runtime, again))
+    a, t, r, g = (pixels(x)[0] for x in (alone, on_top, runtime, again))
     assert _diff(a, t)[1] > MAX_TOL  # the extra LoRA acts on the overlay
     mean, peak = _diff(t, r)
     assert mean <= MEAN_TOL and peak <= MAX_TOL  # overlay + 1 adapter ≈ base + 3 adapters
     assert np.array_equal(a, g)  # without it, the overlay alone again: adapters were only disabled
 
 
-def test_overlay_leaves_the_device_with_its_base_and_comes_back(mesh: Mesh, fused_id: str) -> None:  # noqa: F811
-    _run(mesh, _request(seed=SEED, steps=STEPS, base=fused_id, prompt=PROMPT))
-    loader = mesh.app._loader
+def test_overlay_leaves_the_device_with_its_base_and_comes_back(worker_mesh: WorkerMesh, fused_id: str) -> None:
+    run(worker_mesh, make_request(seed=SEED, steps=STEPS, base=fused_id, prompt=PROMPT))
+    loader = worker_mesh.app._loader
     assert loader is not None
-    removed = mesh.app.cache.remove([BASE])  # the base goes: the overlay sharing its tensors goes with it
+    removed = worker_mesh.app.cache.remove([BASE])  # the base goes: the overlay sharing its tensors goes with it
     assert {cid for cid, _ in removed.components} == {BASE, fused_id}
-    mesh.worker.call(loader.release_removed(removed))
-    resident = {r.component_id for r in mesh.stub.Status(worker_pb2.StatusRequest(), timeout=10).resident}
+    worker_mesh.worker.call(loader.release_removed(removed))
+    resident = {r.component_id for r in worker_mesh.stub.Status(worker_pb2.StatusRequest(), timeout=10).resident}
     assert BASE not in resident and fused_id not in resident
 
-    _, result = _run(mesh, _request(seed=SEED, steps=STEPS, base=fused_id, prompt=PROMPT))
+    _, result = run(worker_mesh, make_request(seed=SEED, steps=STEPS, base=fused_id, prompt=PROMPT))
     assert [(load.component_id, load.source_tier) for load in result.loads] == [
         (fused_id, common_pb2.TIER_HOST),
         (BASE, common_pb2.TIER_HOST),
@@ -214,20 +213,20 @@ def test_overlay_leaves_the_device_with_its_base_and_comes_back(mesh: Mesh, fuse
     assert Image.open(io.BytesIO(result.images[0].png)).size == (64, 64)
 
 
-def test_fused_base_with_a_lora_of_another_family_is_refused(mesh: Mesh, fused_id: str) -> None:  # noqa: F811
+def test_fused_base_with_a_lora_of_another_family_is_refused(worker_mesh: WorkerMesh, fused_id: str) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        list(mesh.stub.Run(_request(base=fused_id, loras=(("xl-lora", 1.0),)), timeout=60))
+        list(worker_mesh.stub.Run(make_request(base=fused_id, loras=(("xl-lora", 1.0),)), timeout=60))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "pipeline.loras[0].id" in (err.value.details() or "")
-    _, result = _run(mesh, _request(seed=2, base=fused_id))  # still serving
+    _, result = run(worker_mesh, make_request(seed=2, base=fused_id))  # still serving
     assert len(result.images) == 1
 
 
 def test_leases_are_held_only_for_device_resident_components(
-    mesh: Mesh,  # noqa: F811
+    worker_mesh: WorkerMesh,
     im_stub: instance_manager_pb2_grpc.InstanceManagerServiceStub,
 ) -> None:
     # Overlay and base come from one or two Acquires: every lease left is one the device tier relies on.
-    resident = {r.component_id for r in mesh.stub.Status(worker_pb2.StatusRequest(), timeout=10).resident}
+    resident = {r.component_id for r in worker_mesh.stub.Status(worker_pb2.StatusRequest(), timeout=10).resident}
     stats = im_stub.Stats(instance_manager_pb2.StatsRequest(), timeout=10)
     leased = {c.component_id for c in stats.components if c.leases > 0}
     assert BASE in resident and leased == resident

@@ -18,7 +18,7 @@ from diffmesh.client import AsyncClient, Client, ControlNet, InvalidArgumentErro
 from diffmesh.launcher.demo_requests import edges_image, encode_png
 from diffmesh.launcher.mesh import LocalMesh, MeshConfig
 from diffmesh.launcher.processes import shm_segments
-from diffmesh.trace_collector import CollectedSpan, TraceCollector
+from diffmesh.span_collector import CollectedSpan, SpanCollector
 from diffmesh.v1 import common_pb2
 from PIL import Image
 
@@ -70,7 +70,7 @@ def client(mesh: LocalMesh) -> Iterator[Client]:
 
 
 @pytest.fixture(scope="module")
-def collector(mesh: LocalMesh) -> TraceCollector:
+def collector(mesh: LocalMesh) -> SpanCollector:
     assert mesh.collector is not None
     return mesh.collector
 
@@ -186,7 +186,7 @@ def _services(spans: list[CollectedSpan]) -> dict[str, set[str]]:
 
 
 def test_one_trace_holds_spans_from_all_four_services(
-    client: Client, collector: TraceCollector, ids: dict[str, list[str]]
+    client: Client, collector: SpanCollector, ids: dict[str, list[str]]
 ) -> None:
     # A pipeline no other test used, so the instance manager and coordinator take part.
     base, lora = ids["BASE"][-1], ids["LORA"][-1]

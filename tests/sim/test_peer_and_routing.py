@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from diffmesh.sim.calibration import calibrate
 from diffmesh.sim.config import DIFFMESH, GB, SYSTEMS, ClusterConfig, SystemSpec
-from diffmesh.sim.engine import Prepared, Simulator
+from diffmesh.sim.engine import PreparedWorkload, Simulator
 from diffmesh.sim.runner import prepare, run_system
 from diffmesh.trace.model import Component, Pipeline, Workload
 from diffmesh.trace.synthetic import synthetic_workload
@@ -37,7 +37,7 @@ def two_nodes() -> ClusterConfig:
 def test_second_node_copies_from_its_peer_instead_of_remote() -> None:
     # Request 0 starts on node 0 (REMOTE fetch). Request 1 of the same base arrives while
     # worker 0 is busy for long: it goes to node 1 and copies the base from node 0.
-    prep = Prepared(tiny_workload([0.0, 0.5], [0, 0], [300, 30]), calibrate(None), two_nodes(), 1.0)
+    prep = PreparedWorkload(tiny_workload([0.0, 0.5], [0, 0], [300, 30]), calibrate(None), two_nodes(), 1.0)
     ect = SystemSpec("ect", "ect", "lru", peer=True)
     r = Simulator(prep, ect).run()
     assert r.misses == 1 and r.remote_bytes == 2 * GB
@@ -50,7 +50,7 @@ def test_second_node_copies_from_its_peer_instead_of_remote() -> None:
 
 
 def test_peer_cost_lies_between_ssd_and_remote() -> None:
-    prep = Prepared(tiny_workload([0.0], [0], [30]), calibrate(None), two_nodes(), 1.0)
+    prep = PreparedWorkload(tiny_workload([0.0], [0], [30]), calibrate(None), two_nodes(), 1.0)
     for c in range(2):
         assert prep.ssd_cost[c] < prep.peer_cost[c] < prep.remote_cost[c]
 
@@ -62,12 +62,12 @@ def test_baselines_never_use_peers() -> None:
 
 
 @pytest.fixture(scope="module")
-def synth() -> Prepared:
+def synth() -> PreparedWorkload:
     workload = synthetic_workload(2500, n_bases=40, n_loras=120, n_lora_pipelines=80, duration_s=86400.0, seed=7)
     return prepare(workload, calibrate(None), ClusterConfig.for_gpus(16), load=0.5)
 
 
-def test_branch_and_bound_routing_equals_scoring_every_worker(synth: Prepared) -> None:
+def test_branch_and_bound_routing_equals_scoring_every_worker(synth: PreparedWorkload) -> None:
     fast = run_system(synth, DIFFMESH)
     full = run_system(synth, replace(DIFFMESH, exhaustive=True))
     assert np.array_equal(fast.latency_s, full.latency_s)
@@ -77,7 +77,7 @@ def test_branch_and_bound_routing_equals_scoring_every_worker(synth: Prepared) -
     assert a == b
 
 
-def test_misses_count_one_remote_fetch_per_node_copy(synth: Prepared) -> None:
+def test_misses_count_one_remote_fetch_per_node_copy(synth: PreparedWorkload) -> None:
     r = run_system(synth, SYSTEMS["lru"])
     # Every component is fetched at least once; a miss is one REMOTE fetch, so the bytes
     # are at least the catalog's bytes used and misses bound the distinct components.
@@ -92,7 +92,7 @@ def test_misses_count_one_remote_fetch_per_node_copy(synth: Prepared) -> None:
 def test_idle_worker_steals_a_queued_request() -> None:
     # Worker 1 is idle; a request queued behind a long job on worker 0 moves to it when
     # loading there ends sooner than waiting.
-    prep = Prepared(tiny_workload([0.0, 0.1], [0, 1], [30, 30]), calibrate(None), two_nodes(), 1.0)
+    prep = PreparedWorkload(tiny_workload([0.0, 0.1], [0, 1], [30, 30]), calibrate(None), two_nodes(), 1.0)
     sim = Simulator(prep, DIFFMESH)
     sim._start(0, 0, 0.0)  # request 0 runs on worker 0
     sim.outstanding[0] = 2
@@ -109,7 +109,7 @@ def test_idle_worker_steals_a_queued_request() -> None:
 
 
 def test_scale_out_warms_an_idle_gpu_from_node_tiers_or_peers_only() -> None:
-    prep = Prepared(tiny_workload([0.0, 0.1], [0, 0], [300, 30]), calibrate(None), two_nodes(), 1.0)
+    prep = PreparedWorkload(tiny_workload([0.0, 0.1], [0, 0], [300, 30]), calibrate(None), two_nodes(), 1.0)
     sim = Simulator(prep, DIFFMESH)
     sim._start(0, 0, 0.0)  # request 0 fetches base 0 from REMOTE to node 0 and runs on worker 0
     assert sim.misses == 1 and not sim.running[1]
@@ -120,7 +120,7 @@ def test_scale_out_warms_an_idle_gpu_from_node_tiers_or_peers_only() -> None:
 
 
 def test_scale_out_never_fetches_from_remote() -> None:
-    prep = Prepared(tiny_workload([0.0, 0.1], [0, 1], [300, 30]), calibrate(None), two_nodes(), 1.0)
+    prep = PreparedWorkload(tiny_workload([0.0, 0.1], [0, 1], [300, 30]), calibrate(None), two_nodes(), 1.0)
     sim = Simulator(prep, DIFFMESH)
     sim._start(0, 0, 0.0)
     sim._scale_out(1, 1, 0.1)  # base 1 is on no node: left to on-demand loading
@@ -136,7 +136,7 @@ def test_workload_window_rebases_arrivals() -> None:
     assert part.start_epoch_s == w.start_epoch_s + 10.0
 
 
-def test_cached_node_costs_match_a_full_recomputation(synth: Prepared) -> None:
+def test_cached_node_costs_match_a_full_recomputation(synth: PreparedWorkload) -> None:
     sim = Simulator(synth, DIFFMESH)
     sim.run()
     for n in range(sim.nodes):

@@ -10,6 +10,7 @@ import sys
 sys.modules['torch'] = None  # any `import torch` now raises ImportError
 import diffmesh, diffmesh.cli, diffmesh.server, diffmesh.channels, diffmesh.errors, diffmesh.telemetry
 import diffmesh.artifacts, diffmesh.pipeline_key, diffmesh.healthcheck, diffmesh.redis_server
+import diffmesh.ports, diffmesh.config_doc, diffmesh.config_cli
 from diffmesh.v1 import router_pb2_grpc, coordinator_pb2_grpc, worker_pb2_grpc, instance_manager_pb2_grpc
 print('ok')
 """

@@ -16,7 +16,7 @@ from diffmesh.artifacts import artifact_bytes, artifact_sha256, is_pickle_path
 from diffmesh.catalog import load_manifest
 from diffmesh.cli import main as cli_main
 from diffmesh.demo.models import LORA_ALPHA, LORA_RANK, lora_config, lora_metadata, write_demo_models
-from diffmesh.demo.safetensors_header import canonicalize_header
+from diffmesh.safetensors_header import canonicalize_header
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from PIL import Image
 from safetensors import safe_open

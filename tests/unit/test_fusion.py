@@ -1,4 +1,4 @@
-"""fusion.fuse: hand-computed merges, bad LoRAs, and equality with diffusers' fuse_lora."""
+"""lora_merge.fuse: hand-computed merges, bad LoRAs, and equality with diffusers' fuse_lora."""
 
 from __future__ import annotations
 
@@ -8,15 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffmesh.errors import InvalidArgument, Unimplemented
-from diffmesh_instance_manager.fusion import (
-    META_BASE,
-    META_LORAS,
-    LoraInput,
-    apply_overlay,
-    fuse,
-    overlay_metadata,
-    save_overlay,
-)
+from diffmesh_instance_manager.lora_merge import LoraInput, apply_overlay, fuse
+from diffmesh_instance_manager.overlay_file import META_BASE, META_LORAS, overlay_metadata, save_overlay
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -177,7 +170,7 @@ def test_overlay_matches_diffusers_fuse_lora(demo_models: Path, tmp_path: Path) 
 
 
 def test_save_overlay_writes_the_same_bytes_for_the_same_tensors(tmp_path: Path) -> None:
-    from diffmesh_instance_manager.fusion import save_overlay
+    from diffmesh_instance_manager.overlay_file import save_overlay
     from safetensors import safe_open
     from safetensors.torch import load_file
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from diffmesh.errors import NotFound
 from diffmesh.v1 import common_pb2
-from diffmesh_instance_manager.eviction import Candidate, Popularity, UtilityPolicy
+from diffmesh_instance_manager.eviction import EvictableCopy, Popularity, UtilityPolicy
 from diffmesh_instance_manager.leases import LeaseTable
 
 LORA = common_pb2.COMPONENT_KIND_LORA
@@ -24,7 +24,7 @@ def test_popular_copies_outlive_recent_ones() -> None:
     for t in (1.0, 2.0, 3.0):
         pop.record("popular", t)
     pop.record("recent", 50.0)
-    cands = [Candidate("popular", 100, 3.0, LORA), Candidate("recent", 100, 50.0, LORA)]
+    cands = [EvictableCopy("popular", 100, 3.0, LORA), EvictableCopy("recent", 100, 50.0, LORA)]
     assert _policy(pop).choose(cands, 100, 60.0) == ["recent"]
 
 
@@ -32,16 +32,16 @@ def test_cheap_to_reload_copies_go_first_and_bases_weigh_double() -> None:
     pop = Popularity(half_life_s=60)
     for cid in ("slow", "fast", "base", "lora"):
         pop.record(cid, 0.0)
-    cands = [Candidate("slow", 100, 0.0, LORA), Candidate("fast", 100, 0.0, LORA)]
+    cands = [EvictableCopy("slow", 100, 0.0, LORA), EvictableCopy("fast", 100, 0.0, LORA)]
     # "fast" reloads ten times faster (its SSD copy is still there): it goes.
     assert _policy(pop, cost_per_byte={"slow": 1e-8, "fast": 1e-9}).choose(cands, 1, 1.0) == ["fast"]
-    kinds = [Candidate("base", 100, 0.0, BASE), Candidate("lora", 100, 0.0, LORA)]
+    kinds = [EvictableCopy("base", 100, 0.0, BASE), EvictableCopy("lora", 100, 0.0, LORA)]
     assert _policy(pop).choose(kinds, 1, 1.0) == ["lora"]
 
 
 def test_unrequested_copies_fall_back_to_least_recently_used_and_pinned_never_go() -> None:
     pop = Popularity()
-    cands = [Candidate("new", 10, 5.0, LORA), Candidate("old", 10, 1.0, LORA), Candidate("pin", 10, 0.0, LORA)]
+    cands = [EvictableCopy("new", 10, 5.0, LORA), EvictableCopy("old", 10, 1.0, LORA), EvictableCopy("pin", 10, 0.0, LORA)]
     policy = _policy(pop, pinned={"pin"})
     assert policy.choose(cands, 15, 9.0) == ["old", "new"]
     assert policy.choose(cands, 25, 9.0) == []  # impossible without the pinned copy: nothing is evicted

@@ -12,8 +12,8 @@ import pytest
 from diffmesh.launcher.demo_requests import demo_requests, edges_image, encode_png, load_requests
 from diffmesh.launcher.processes import ChildProcess, ServiceFailed, ServiceSpec, free_port
 from diffmesh.launcher.report import breakdown_from_spans, render_breakdown, spans_complete, tier_label
-from diffmesh.launcher.runner import Outcome
-from diffmesh.trace_collector import CollectedSpan
+from diffmesh.launcher.runner import RequestOutcome
+from diffmesh.span_collector import CollectedSpan
 from diffmesh.v1 import common_pb2
 from PIL import Image
 
@@ -98,7 +98,7 @@ def test_breakdown_from_spans_splits_queue_load_per_tier_and_denoise() -> None:
 
     from diffmesh.launcher.demo_requests import DemoRequest
 
-    text = render_breakdown([Outcome(1, DemoRequest("r", "b"), common_pb2.GenerationResult())], {1: b})
+    text = render_breakdown([RequestOutcome(1, DemoRequest("r", "b"), common_pb2.GenerationResult())], {1: b})
     assert "SSD 0.700" in text and "HOST 0.300" in text
 
 

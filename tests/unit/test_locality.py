@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from diffmesh.policy.locality import Copy, Tier, WorkerCandidate, rank_workers
+from diffmesh.policy.locality import Copy, WorkerCandidate, rank_workers
+from diffmesh.tiers import Tier
 
 
 def _ids(ranked: list) -> list[str]:

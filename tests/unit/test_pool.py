@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from diffmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from diffmesh.shm import pool_segment_name
 from diffmesh_instance_manager.direct_io import read_into
 from diffmesh_instance_manager.pool import (
     HostPool,
@@ -20,7 +21,6 @@ from diffmesh_instance_manager.pool import (
     PoolExhausted,
     list_pools,
     plan_slabs,
-    pool_prefix,
     remove_stale_pools,
 )
 from diffmesh_instance_manager.size_classes import SizeClass
@@ -51,7 +51,7 @@ def test_plan_slabs_splits_capacity_by_weight_times_size() -> None:
 
 def test_allocate_prefers_the_smallest_fitting_class_then_falls_back(node: str) -> None:
     with HostPool(node, 64 * MiB, CLASSES) as pool:
-        assert pool.segment.startswith(pool_prefix(node))
+        assert pool.segment.startswith(pool_segment_name(node))
         assert (SHM / pool.segment).stat().st_size == 64 * MiB
         small = [pool.allocate(3 * MiB) for _ in range(4)]
         assert {b.block_size for b in small} == {4 * MiB}
@@ -174,9 +174,9 @@ def test_close_unlinks_even_with_a_live_view_and_is_idempotent(node: str, caplog
 
 
 def test_stale_pool_segments_are_removed(node: str) -> None:
-    stale = SHM / f"{pool_prefix(node)}_deadbeef"
+    stale = SHM / f"{pool_segment_name(node)}_deadbeef"
     stale.write_bytes(b"x")
-    other = SHM / f"{pool_prefix(node)}x_deadbeef"  # another node's name: untouched
+    other = SHM / f"{pool_segment_name(node)}x_deadbeef"  # another node's name: untouched
     other.write_bytes(b"x")
     try:
         assert list_pools(node) == [stale.name]

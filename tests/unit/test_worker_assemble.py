@@ -12,11 +12,11 @@ from diffmesh.errors import DataLoss, FailedPrecondition
 from diffmesh.v1 import common_pb2, instance_manager_pb2
 from diffmesh_worker import adapters
 from diffmesh_worker.assemble import BuiltBase, DevicePlacement, build_base, build_controlnet, make_pipeline
-from diffmesh_worker.device_cache import CacheEntry, DeviceCache, Lease, LoraWeights
+from diffmesh_worker.device_cache import AcquireLease, CacheEntry, DeviceCache, LoraWeights
 from diffmesh_worker.shm_mapping import SegmentMapper, is_shared_view
 from PIL import Image
 
-from tests.unit.test_worker_shm_mapping import Packed
+from tests.support.shm_packing import Packed
 
 BASE, LORA, LORA_2, CONTROLNET = "sd15-tiny-a", "lora-neon", "lora-sketch", "controlnet-edges"
 CPU = DevicePlacement.for_device("cpu")
@@ -142,8 +142,8 @@ def test_two_loras_with_scales(
 
     # Evicting a LoRA from the device cache unloads its adapter from the bases holding it.
     cache = DeviceCache(capacity_bytes=0, max_entries=8)
-    cache.add(CacheEntry(BASE, common_pb2.COMPONENT_KIND_BASE, "sd15", base.bytes, base, Lease("l1")))
-    cache.add(CacheEntry(LORA_2, common_pb2.COMPONENT_KIND_LORA, "sd15", 1, LoraWeights({}, None), Lease("l2")))
+    cache.add(CacheEntry(BASE, common_pb2.COMPONENT_KIND_BASE, "sd15", base.bytes, base, AcquireLease("l1")))
+    cache.add(CacheEntry(LORA_2, common_pb2.COMPONENT_KIND_LORA, "sd15", 1, LoraWeights({}, None), AcquireLease("l2")))
     removed = cache.remove([LORA_2])
     assert LORA_2 not in base.adapters and removed.leases == ["l2"]
     adapters.unload_adapter(base, LORA)

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from diffmesh.errors import ResourceExhausted
 from diffmesh.v1 import common_pb2
-from diffmesh_worker.device_cache import CacheEntry, DeviceCache, Lease, LoraWeights
+from diffmesh_worker.device_cache import AcquireLease, CacheEntry, DeviceCache, LoraWeights
 from diffmesh_worker.runner import DeviceSlot
 
 CN = common_pb2.COMPONENT_KIND_CONTROLNET
@@ -60,16 +60,16 @@ def test_zero_queue_only_runs_when_idle() -> None:
     asyncio.run(scenario())
 
 
-def _entry(cid: str, nbytes: int, lease: Lease | None) -> CacheEntry:
+def _entry(cid: str, nbytes: int, lease: AcquireLease | None) -> CacheEntry:
     return CacheEntry(cid, CN, "sd15", nbytes, LoraWeights({}, None), lease)
 
 
 def test_cache_evicts_lru_outside_pinned_and_releases_leases_once_unused() -> None:
     cache = DeviceCache(capacity_bytes=100, max_entries=10)
-    shared = Lease("lease-ab")
+    shared = AcquireLease("lease-ab")
     cache.add(_entry("a", 40, shared))
     cache.add(_entry("b", 40, shared))
-    cache.add(_entry("c", 10, Lease("lease-c")))
+    cache.add(_entry("c", 10, AcquireLease("lease-c")))
     cache.touch(["a"], now=123.0)  # order now: b, c, a
     assert [e.component_id for e in cache.entries()] == ["b", "c", "a"] and cache.get("a").last_used_unix == 123.0  # type: ignore[union-attr]
 

@@ -16,7 +16,7 @@ from diffmesh_worker.skeletons import SkeletonPool, config_key
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from tests.unit.test_worker_shm_mapping import Packed
+from tests.support.shm_packing import Packed
 
 WAIT_S = 60.0
 

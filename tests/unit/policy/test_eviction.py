@@ -94,12 +94,12 @@ def test_bounded_cache_refuses_oversized_and_makes_room() -> None:
     assert cache.free == 10
 
 
-def test_insert_planned_applies_the_planned_victims() -> None:
+def test_insert_applies_planned_victims() -> None:
     cache: BoundedCache[str] = BoundedCache(10, LRUEviction())
     cache.insert("a", 4, 0.0)
     cache.insert("b", 4, 1.0)
     victims = cache.plan_insert(6, 2.0)
     assert victims == ["a"]
-    assert cache.insert_planned("c", 6, 2.0, victims) == ["a"]
+    assert cache.insert("c", 6, 2.0, victims=victims) == ["a"]
     assert set(cache.sizes) == {"b", "c"} and cache.used == 10
-    assert cache.insert_planned("d", 20, 3.0, None) is None and "d" not in cache
+    assert cache.insert("d", 20, 3.0, victims=None) is None and "d" not in cache

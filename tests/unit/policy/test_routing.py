@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from diffmesh.policy.routing import (
-    Candidate,
+    WorkerEstimate,
     activation_bytes,
     best_tier_cost,
     choose_worker,
@@ -12,6 +12,7 @@ from diffmesh.policy.routing import (
     pipeline_load_s,
     rank_candidates,
 )
+from diffmesh.tiers import Tier
 
 GB = 10**9
 
@@ -24,10 +25,10 @@ def test_activation_bytes_scale_with_pixels_and_images() -> None:
 
 
 def test_best_tier_and_load_time() -> None:
-    costs = {"HOST": 1.0, "SSD": 3.0, "REMOTE": 20.0}
-    assert best_tier_cost(costs, ["SSD", "HOST"]) == ("HOST", 1.0)
-    assert best_tier_cost(costs, ["GPU"]) == ("GPU", 0.0)
-    assert best_tier_cost(costs, []) == ("REMOTE", 20.0)
+    costs = {Tier.HOST: 1.0, Tier.SSD: 3.0, Tier.REMOTE: 20.0}
+    assert best_tier_cost(costs, [Tier.SSD, Tier.HOST]) == (Tier.HOST, 1.0)
+    assert best_tier_cost(costs, [Tier.GPU]) == (Tier.GPU, 0.0)
+    assert best_tier_cost(costs, []) == (Tier.REMOTE, 20.0)
     assert pipeline_load_s(5.0, [1.0, 2.0], asymmetric=True) == 7.0
     assert pipeline_load_s(5.0, [1.0, 2.0], asymmetric=False) == 8.0
     assert expected_completion_s(2.0, 3.0, 4.0) == 9.0
@@ -45,5 +46,5 @@ def test_choose_worker_minimises_ect_over_workers_that_fit() -> None:
 
 
 def test_rank_candidates() -> None:
-    cands = [Candidate("b", 1.0, 0.0, 24 * GB), Candidate("a", 0.0, 1.0, 24 * GB), Candidate("c", 0.0, 0.0, GB)]
+    cands = [WorkerEstimate("b", 1.0, 0.0, 24 * GB), WorkerEstimate("a", 0.0, 1.0, 24 * GB), WorkerEstimate("c", 0.0, 0.0, GB)]
     assert [c.worker_id for c in rank_candidates(cands, 2 * GB, 0, 1.0)] == ["a", "b"]

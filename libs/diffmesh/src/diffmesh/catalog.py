@@ -50,8 +50,15 @@ def check_id(field: str, value: str) -> str:
 
 
 def kind_name(kind: int) -> str:
-    """Short name of a ComponentKind (``BASE``, ``LORA``, ...)."""
-    return common_pb2.ComponentKind.Name(kind).removeprefix(_KIND_PREFIX)  # type: ignore[arg-type]
+    """Short name of a ComponentKind (``BASE``, ``LORA``, ``CONTROLNET``, ``FUSED``); the number for an unknown value.
+
+    The one place kind names are made; services print kinds through it rather than a
+    table of their own. :func:`parse_kind` is the way back.
+    """
+    try:
+        return common_pb2.ComponentKind.Name(kind).removeprefix(_KIND_PREFIX)  # type: ignore[arg-type]
+    except ValueError:
+        return str(kind)
 
 
 def format_name(fmt: int) -> str:

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo-models": ("diffmesh.demo.cli", "write random-weight tiny demo models and a catalog manifest"),
     "sim": ("diffmesh.sim.cli", "replay a trace through the simulator and compare systems"),
     "trace": ("diffmesh.trace.cli", "workload facts of a trace (`diffmesh trace stats`)"),
+    "config": ("diffmesh.config_cli", "print the configuration reference (environment variables) as markdown"),
 }
 
 

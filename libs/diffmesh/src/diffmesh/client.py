@@ -1,10 +1,12 @@
 """Client SDK for the diffmesh router (``diffmesh.v1.RouterService``).
 
 Two clients with the same methods: :class:`Client` (blocking) and :class:`AsyncClient`
-(``grpc.aio``). Both propagate the current OpenTelemetry context, so a caller's span and
-the mesh's spans form one trace. gRPC failures are raised as :class:`DiffmeshClientError`
-subclasses that carry the status code, the message, and (where the server sent them) the
-offending field and the retry hint.
+(``grpc.aio``); both are thin wrappers over the shared request builders below. Both
+propagate the current OpenTelemetry context, so a caller's span and the mesh's spans form
+one trace. gRPC failures are raised as the :mod:`diffmesh.errors` hierarchy — the same
+classes the servers raise — carrying the status code, the message, and (where the server
+sent them) the offending field and the retry hint. The ``*Error`` names below are that
+hierarchy under the SDK's names. Nothing server-side is imported.
 
 Example::
 
@@ -17,22 +19,23 @@ Example::
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from grpc import aio
-from opentelemetry.instrumentation.grpc import client_interceptor
-from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 from typing_extensions import TypedDict, Unpack
 
-from diffmesh.channels import open_channel
-from diffmesh.server import GRPC_OPTIONS
+from diffmesh import errors
+from diffmesh.channels import open_blocking_channel, open_channel
 from diffmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 StreamEvent = common_pb2.ProgressQueued | common_pb2.ProgressLoading | common_pb2.ProgressStep | common_pb2.GenerationResult
 """One event of :meth:`Client.generate_stream`; the last one is the :class:`GenerationResult`."""
 
 DEFAULT_TIMEOUT_S = 300.0
+LIST_PAGE_SIZE = 1000
 
 
 class GenerationOptions(TypedDict, total=False):
@@ -68,74 +71,27 @@ class ControlNet:
     scale: float = 1.0
 
 
-class DiffmeshClientError(Exception):
-    """A router call failed; ``code`` is the gRPC status, ``details`` the server's message."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, field: str | None = None, retry_after_s: float | None = None) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-        self.field = field
-        self.retry_after_s = retry_after_s
-
-
-class InvalidArgumentError(DiffmeshClientError):
-    """The request is malformed; ``field`` names the offending field when known."""
-
-
-class NotFoundError(DiffmeshClientError):
-    """A referenced model id does not exist."""
+# The SDK's names of the one error hierarchy (``except InvalidArgumentError`` catches
+# exactly what a server raised as ``InvalidArgument``).
+DiffmeshClientError = errors.DiffmeshError
+InvalidArgumentError = errors.InvalidArgument
+NotFoundError = errors.NotFound
+ResourceExhaustedError = errors.ResourceExhausted
+UnavailableError = errors.Unavailable
+DeadlineExceededError = errors.DeadlineExceeded
+FailedPreconditionError = errors.FailedPrecondition
+PermissionDeniedError = errors.PermissionDenied
+DataLossError = errors.DataLoss
+error_from_rpc = errors.from_rpc_error
 
 
-class ResourceExhaustedError(DiffmeshClientError):
-    """The mesh is full; retry after ``retry_after_s`` seconds."""
-
-
-class UnavailableError(DiffmeshClientError):
-    """The router or the capacity behind it is unreachable right now; retrying may help."""
-
-
-class DeadlineExceededError(DiffmeshClientError):
-    """The call did not finish within its timeout."""
-
-
-class FailedPreconditionError(DiffmeshClientError):
-    """The mesh is not in a state that allows the request."""
-
-
-class PermissionDeniedError(DiffmeshClientError):
-    """The request touches something it may not."""
-
-
-class DataLossError(DiffmeshClientError):
-    """An artifact is corrupt or does not match its digest."""
-
-
-_ERRORS: dict[grpc.StatusCode, type[DiffmeshClientError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
-    grpc.StatusCode.NOT_FOUND: NotFoundError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
-    grpc.StatusCode.UNAVAILABLE: UnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
-    grpc.StatusCode.DATA_LOSS: DataLossError,
-}
-
-
-def error_from_rpc(err: grpc.RpcError) -> DiffmeshClientError:
-    """The typed client error for a failed gRPC call."""
-    code: grpc.StatusCode = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
-    details: str = (err.details() if hasattr(err, "details") else None) or str(err)  # type: ignore[attr-defined]
-    field = None
-    retry_after_s = None
-    trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None  # type: ignore[attr-defined]
-    for key, value in trailing or ():
-        if key == "diffmesh-field":
-            field = str(value)
-        elif key == "retry-after-ms":
-            retry_after_s = int(value) / 1000
-    return _ERRORS.get(code, DiffmeshClientError)(code, details, field, retry_after_s)
+@contextmanager
+def _raising_diffmesh_errors() -> Iterator[None]:
+    """Re-raises a failed call (sync or aio) as its :mod:`diffmesh.errors` class."""
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise errors.from_rpc_error(err) from None
 
 
 def build_pipeline(base_id: str, loras: Sequence[Lora] = (), controlnets: Sequence[ControlNet] = ()) -> common_pb2.PipelineSpec:
@@ -185,8 +141,31 @@ def stream_event(response: router_pb2.GenerateStreamResponse) -> StreamEvent | N
     return getattr(response, which) if which else None
 
 
-def _list_request(kind: common_pb2.ComponentKind.ValueType, family: str, page_token: str) -> router_pb2.ListModelsRequest:
-    return router_pb2.ListModelsRequest(kind=kind, family=family, page_size=1000, page_token=page_token)
+_Generate = TypeVar("_Generate", router_pb2.GenerateRequest, router_pb2.GenerateStreamRequest)
+
+
+def generate_request(
+    message: type[_Generate],
+    base_id: str,
+    prompt: str,
+    loras: Sequence[Lora],
+    controlnets: Sequence[ControlNet],
+    tenant: str,
+    request_id: str,
+    params: GenerationOptions,
+) -> _Generate:
+    """A ``GenerateRequest`` or ``GenerateStreamRequest`` (``message``) for one generate call."""
+    return message(
+        request_id=request_id,
+        pipeline=build_pipeline(base_id, loras, controlnets),
+        params=build_params(prompt, **params),
+        tenant=tenant,
+    )
+
+
+def list_request(kind: common_pb2.ComponentKind.ValueType, family: str, page_token: str) -> router_pb2.ListModelsRequest:
+    """One page request of ``ListModels``."""
+    return router_pb2.ListModelsRequest(kind=kind, family=family, page_size=LIST_PAGE_SIZE, page_token=page_token)
 
 
 class Client:
@@ -195,9 +174,7 @@ class Client:
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_S, channel: grpc.Channel | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = channel or intercept_channel(
-            grpc.insecure_channel(address, options=GRPC_OPTIONS), client_interceptor()
-        )
+        self._channel = channel or open_blocking_channel(address)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
 
     def generate(
@@ -213,16 +190,9 @@ class Client:
         **params: Unpack[GenerationOptions],
     ) -> common_pb2.GenerationResult:
         """Generates images and returns the result (``params``: see :class:`GenerationOptions`)."""
-        request = router_pb2.GenerateRequest(
-            request_id=request_id,
-            pipeline=build_pipeline(base_id, loras, controlnets),
-            params=build_params(prompt, **params),
-            tenant=tenant,
-        )
-        try:
+        request = generate_request(router_pb2.GenerateRequest, base_id, prompt, loras, controlnets, tenant, request_id, params)
+        with _raising_diffmesh_errors():
             response: router_pb2.GenerateResponse = self._stub.Generate(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from None
         return response.result
 
     def generate_stream(
@@ -238,32 +208,26 @@ class Client:
         **params: Unpack[GenerationOptions],
     ) -> Iterator[StreamEvent]:
         """Yields queued, loading and step events, then the :class:`GenerationResult`."""
-        request = router_pb2.GenerateStreamRequest(
-            request_id=request_id,
-            pipeline=build_pipeline(base_id, loras, controlnets),
-            params=build_params(prompt, **params),
-            tenant=tenant,
+        request = generate_request(
+            router_pb2.GenerateStreamRequest, base_id, prompt, loras, controlnets, tenant, request_id, params
         )
-        try:
+        with _raising_diffmesh_errors():
             for response in self._stub.GenerateStream(request, timeout=timeout or self.timeout):
                 event = stream_event(response)
                 if event is not None:
                     yield event
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from None
 
-    def list_models(self, kind: common_pb2.ComponentKind.ValueType = common_pb2.COMPONENT_KIND_UNSPECIFIED,
-                    family: str = "") -> list[common_pb2.Component]:
+    def list_models(
+        self, kind: common_pb2.ComponentKind.ValueType = common_pb2.COMPONENT_KIND_UNSPECIFIED, family: str = ""
+    ) -> list[common_pb2.Component]:
         """Every model (all pages), optionally of one kind and family."""
         out: list[common_pb2.Component] = []
         token = ""
         while True:
-            try:
+            with _raising_diffmesh_errors():
                 page: router_pb2.ListModelsResponse = self._stub.ListModels(
-                    _list_request(kind, family, token), timeout=self.timeout
+                    list_request(kind, family, token), timeout=self.timeout
                 )
-            except grpc.RpcError as err:
-                raise error_from_rpc(err) from None
             out.extend(page.models)
             token = page.next_page_token
             if not token:
@@ -271,12 +235,10 @@ class Client:
 
     def get_model(self, model_id: str) -> router_pb2.GetModelResponse:
         """One model and where its copies live; :class:`NotFoundError` when unknown."""
-        try:
+        with _raising_diffmesh_errors():
             response: router_pb2.GetModelResponse = self._stub.GetModel(
                 router_pb2.GetModelRequest(id=model_id), timeout=self.timeout
             )
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from None
         return response
 
     def close(self) -> None:
@@ -312,16 +274,9 @@ class AsyncClient:
         **params: Unpack[GenerationOptions],
     ) -> common_pb2.GenerationResult:
         """Generates images and returns the result (``params``: see :class:`GenerationOptions`)."""
-        request = router_pb2.GenerateRequest(
-            request_id=request_id,
-            pipeline=build_pipeline(base_id, loras, controlnets),
-            params=build_params(prompt, **params),
-            tenant=tenant,
-        )
-        try:
+        request = generate_request(router_pb2.GenerateRequest, base_id, prompt, loras, controlnets, tenant, request_id, params)
+        with _raising_diffmesh_errors():
             response: router_pb2.GenerateResponse = await self._stub.Generate(request, timeout=timeout or self.timeout)
-        except aio.AioRpcError as err:
-            raise error_from_rpc(err) from None
         return response.result
 
     async def generate_stream(
@@ -337,35 +292,30 @@ class AsyncClient:
         **params: Unpack[GenerationOptions],
     ) -> AsyncIterator[StreamEvent]:
         """Yields queued, loading and step events, then the :class:`GenerationResult`."""
-        request = router_pb2.GenerateStreamRequest(
-            request_id=request_id,
-            pipeline=build_pipeline(base_id, loras, controlnets),
-            params=build_params(prompt, **params),
-            tenant=tenant,
+        request = generate_request(
+            router_pb2.GenerateStreamRequest, base_id, prompt, loras, controlnets, tenant, request_id, params
         )
         call = self._stub.GenerateStream(request, timeout=timeout or self.timeout)
         try:
-            async for response in call:
-                event = stream_event(response)
-                if event is not None:
-                    yield event
-        except aio.AioRpcError as err:
-            raise error_from_rpc(err) from None
+            with _raising_diffmesh_errors():
+                async for response in call:
+                    event = stream_event(response)
+                    if event is not None:
+                        yield event
         finally:
             call.cancel()
 
-    async def list_models(self, kind: common_pb2.ComponentKind.ValueType = common_pb2.COMPONENT_KIND_UNSPECIFIED,
-                          family: str = "") -> list[common_pb2.Component]:
+    async def list_models(
+        self, kind: common_pb2.ComponentKind.ValueType = common_pb2.COMPONENT_KIND_UNSPECIFIED, family: str = ""
+    ) -> list[common_pb2.Component]:
         """Every model (all pages), optionally of one kind and family."""
         out: list[common_pb2.Component] = []
         token = ""
         while True:
-            try:
+            with _raising_diffmesh_errors():
                 page: router_pb2.ListModelsResponse = await self._stub.ListModels(
-                    _list_request(kind, family, token), timeout=self.timeout
+                    list_request(kind, family, token), timeout=self.timeout
                 )
-            except aio.AioRpcError as err:
-                raise error_from_rpc(err) from None
             out.extend(page.models)
             token = page.next_page_token
             if not token:
@@ -373,12 +323,10 @@ class AsyncClient:
 
     async def get_model(self, model_id: str) -> router_pb2.GetModelResponse:
         """One model and where its copies live; :class:`NotFoundError` when unknown."""
-        try:
+        with _raising_diffmesh_errors():
             response: router_pb2.GetModelResponse = await self._stub.GetModel(
                 router_pb2.GetModelRequest(id=model_id), timeout=self.timeout
             )
-        except aio.AioRpcError as err:
-            raise error_from_rpc(err) from None
         return response
 
     async def close(self) -> None:

@@ -1,15 +1,15 @@
 """Server interceptor that maps exceptions to gRPC statuses — the only place that does.
 
 * :class:`~diffmesh.errors.DiffmeshError` → its own code, message and trailing metadata.
-* :class:`grpc.aio.AioRpcError` raised by a downstream call → the same code and details,
-  so a worker's INVALID_ARGUMENT reaches the router's client unchanged.
+* :class:`grpc.aio.AioRpcError` raised by a downstream call → the same code, details and
+  error trailers (through :func:`~diffmesh.errors.from_rpc_error`), so a worker's
+  INVALID_ARGUMENT reaches the router's client unchanged.
 * :class:`TimeoutError` → DEADLINE_EXCEEDED.
 * anything else → INTERNAL with a short message (the traceback goes to the log only).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,41 +17,46 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from diffmesh.errors import DiffmeshError
+from diffmesh.errors import DeadlineExceeded, DiffmeshError, Internal, from_rpc_error
 
-log = logging.getLogger("diffmesh.errors")
+log = logging.getLogger(__name__)
 
 
-async def _abort(context: aio.ServicerContext, method: str, exc: BaseException) -> None:
+def _as_error(method: str, exc: Exception) -> DiffmeshError:
+    """The :class:`DiffmeshError` a handler's exception becomes (logged here)."""
     if isinstance(exc, DiffmeshError):
-        md = exc.trailing_metadata()
-        if md:
-            context.set_trailing_metadata(md)
         log.info("rpc failed", extra={"method": method, "code": exc.code.name, "detail": exc.message})
-        await context.abort(exc.code, exc.message)
+        return exc
     if isinstance(exc, aio.AioRpcError):
-        code = exc.code()
-        log.info("downstream rpc failed", extra={"method": method, "code": code.name, "detail": exc.details()})
-        md = tuple((k, v) for k, v in (exc.trailing_metadata() or ()) if k in {"retry-after-ms", "diffmesh-field"})
-        if md:
-            context.set_trailing_metadata(md)
-        await context.abort(code, exc.details() or code.name)
+        err = from_rpc_error(exc)
+        log.info("downstream rpc failed", extra={"method": method, "code": err.code.name, "detail": err.message})
+        return err
     if isinstance(exc, TimeoutError):
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method}: deadline exceeded")
+        return DeadlineExceeded(f"{method}: deadline exceeded")
     log.exception("unhandled error", exc_info=exc, extra={"method": method})
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
+    return Internal(f"internal error in {method}: {type(exc).__name__}")
 
 
-def _passes_through(exc: BaseException) -> bool:
-    # AbortError: the handler aborted on its own; CancelledError: the client went away.
-    return isinstance(exc, (aio.AbortError, asyncio.CancelledError))
+async def _abort(context: aio.ServicerContext, method: str, exc: Exception) -> None:
+    err = _as_error(method, exc)
+    md = err.trailing_metadata()
+    if md:
+        context.set_trailing_metadata(md)
+    await context.abort(err.code, err.message)
+
+
+# Only Exception is mapped: CancelledError (the client went away), GeneratorExit (a stream
+# closed) and the interpreter's own exits are BaseException and pass through untouched.
+def _passes_through(exc: Exception) -> bool:
+    # AbortError: the handler aborted on its own.
+    return isinstance(exc, aio.AbortError)
 
 
 def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: aio.ServicerContext) -> Any:
         try:
             return await behavior(request, context)
-        except BaseException as exc:
+        except Exception as exc:
             if _passes_through(exc):
                 raise
             await _abort(context, method, exc)
@@ -64,7 +69,7 @@ def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Ca
         try:
             async for item in behavior(request, context):
                 yield item
-        except BaseException as exc:
+        except Exception as exc:
             if _passes_through(exc):
                 raise
             await _abort(context, method, exc)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from diffmesh.catalog import ID_RE
 from diffmesh.errors import InvalidArgument
 from diffmesh.v1 import common_pb2
 
@@ -32,6 +32,7 @@ MAX_IMAGES = 8
 MAX_LORAS = 8
 MAX_CONTROLNETS = 4
 LORA_SCALE_LIMIT = 4.0
+"""The one bound on ``|scale|`` of a LoRA, in requests and in fused overlays alike."""
 CONTROLNET_SCALE_MAX = 4.0
 GUIDANCE_MAX = 50.0
 MAX_PROMPT_CHARS = 8192
@@ -41,7 +42,6 @@ MAX_INPUT_BYTES = 32 * 1024 * 1024
 MAX_INPUT_IMAGE_SIDE = 8192
 MAX_INPUT_PIXELS = 4096 * 4096
 
-COMPONENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 IMAGE_TASKS = (common_pb2.TASK_IMG2IMG, common_pb2.TASK_INPAINT)
@@ -68,7 +68,7 @@ def check_component_id(value: str, field: str) -> None:
     """Raises InvalidArgument unless ``value`` is a well-formed component id."""
     if not value:
         raise InvalidArgument(field, "is required")
-    if not COMPONENT_ID.match(value):
+    if not ID_RE.match(value):
         raise InvalidArgument(field, "must be 1-128 characters of [A-Za-z0-9._:-]")
 
 

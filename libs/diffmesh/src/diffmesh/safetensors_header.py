@@ -1,13 +1,17 @@
-"""Parse and validate safetensors headers (torch-free).
+"""Safetensors headers (torch-free): parse and validate them, and make them byte-reproducible.
 
 A safetensors file is ``u64 little-endian N`` + ``N`` bytes of JSON header + the data
 section. The header maps tensor names to ``{"dtype", "shape", "data_offsets": [begin, end]}``
 (offsets relative to the data section) plus an optional ``__metadata__`` map of strings.
 
-Everything that would let a reader build a tensor view outside the file, or of the wrong
-size, is refused with :class:`SafetensorsHeaderError` before any byte is used: a truncated
-file, a header length larger than the file, malformed JSON, an unknown dtype, offsets out
-of range or overlapping, and ``prod(shape) x dtype size`` differing from the byte length.
+Reading: everything that would let a reader build a tensor view outside the file, or of
+the wrong size, is refused with :class:`SafetensorsHeaderError` before any byte is used: a
+truncated file, a header length larger than the file, malformed JSON, an unknown dtype,
+offsets out of range or overlapping, and ``prod(shape) x dtype size`` differing from the
+byte length.
+
+Writing: :func:`canonicalize_header` rewrites a file's header with sorted keys, so the
+same tensors and metadata always give the same bytes (and sha256).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,3 +222,28 @@ def read_header(path: Path) -> SafetensorsHeader:
     if len(raw) != n:
         raise SafetensorsHeaderError("truncated", f"{path}: header shorter than its declared {n} bytes")
     return parse_header_json(raw, n, size)
+
+
+def canonicalize_header(path: Path) -> None:
+    """Rewrite ``path``'s JSON header with sorted keys (space-padded to 8 bytes), in place.
+
+    safetensors writes ``__metadata__`` from a hash map, so a file with more than one
+    metadata entry (a LoRA with adapter metadata) gets a different key order, and so a
+    different sha256, in every process. Tensor offsets are relative to the data section
+    and do not change. The file is not validated; it is one safetensors just wrote.
+    """
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(_PREFIX))
+        header = json.loads(f.read(size))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(canonical) <= size:
+            # Same room as before: overwrite the header only, padding with spaces.
+            f.seek(_PREFIX)
+            f.write(canonical.ljust(size, b" "))
+            return
+        data = f.read()
+    padded = canonical.ljust(-(-len(canonical) // 8) * 8, b" ")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as out:
+        out.write(struct.pack("<Q", len(padded)) + padded + data)
+    os.replace(tmp, path)

@@ -21,18 +21,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
+from diffmesh.channels import GRPC_OPTIONS
 from diffmesh.interceptors import ErrorInterceptor
 from diffmesh.settings import ServiceSettings
 from diffmesh.telemetry import setup_logging, setup_tracing, shutdown_tracing
 
-log = logging.getLogger("diffmesh.server")
-
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.so_reuseport", 0),
-]
+log = logging.getLogger(__name__)
 
 
 class Service(Protocol):

@@ -18,7 +18,7 @@ from diffmesh_coordinator.servicer import CoordinatorServicer
 from diffmesh_coordinator.settings import CoordinatorSettings
 from diffmesh_coordinator.store import CoordinatorStore
 
-log = logging.getLogger("diffmesh.coordinator")
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "diffmesh.v1.CacheCoordinatorService"
 

@@ -16,7 +16,7 @@ from grpc import aio
 
 from diffmesh_coordinator.store import CoordinatorStore
 
-log = logging.getLogger("diffmesh.coordinator")
+log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000

@@ -32,7 +32,7 @@ from google.protobuf import json_format
 from diffmesh_coordinator.keys import KeyLayout, reporter_of, split_reporter
 from diffmesh_coordinator.popularity import PlainCounts, PopularityCounter
 
-log = logging.getLogger("diffmesh.coordinator.store")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

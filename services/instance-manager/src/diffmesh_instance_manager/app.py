@@ -8,21 +8,26 @@ import logging
 import time
 from pathlib import Path
 
+from diffmesh.errors import InvalidArgument
+from diffmesh.tiers import Tier
 from diffmesh.v1 import common_pb2, coordinator_pb2, instance_manager_pb2, instance_manager_pb2_grpc
 from grpc import aio
 
 from diffmesh_instance_manager.direct_io import DirectLoader
+from diffmesh_instance_manager.fetchers import remote_fetcher
 from diffmesh_instance_manager.host import SegmentAllocator, remove_stale_segments
 from diffmesh_instance_manager.node_lock import NodeLock
+from diffmesh_instance_manager.overlay_fuser import OverlayFuser
 from diffmesh_instance_manager.pool import HostPool, remove_stale_pools
-from diffmesh_instance_manager.remote import RemoteAccess, RemoteFetcher
+from diffmesh_instance_manager.remote_access import RemoteAccess
 from diffmesh_instance_manager.reporter import CatalogClient, CoordinatorReporter, open_coordinator
 from diffmesh_instance_manager.settings import InstanceManagerSettings
 from diffmesh_instance_manager.size_classes import BLOCK_GRANULARITY, SizeClass, request_share_weights, size_classes
 from diffmesh_instance_manager.ssd import SsdCache
+from diffmesh_instance_manager.stats import stats_response
 from diffmesh_instance_manager.store import ComponentStore
 
-log = logging.getLogger("diffmesh.im")
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "diffmesh.v1.InstanceManagerService"
 
@@ -48,21 +53,29 @@ class InstanceManagerServicer(instance_manager_pb2_grpc.InstanceManagerServiceSe
     async def Prefetch(
         self, request: instance_manager_pb2.PrefetchRequest, context: aio.ServicerContext
     ) -> instance_manager_pb2.PrefetchResponse:
-        accepted = await self.app.store.prefetch(list(request.component_ids), request.target_tier)
+        accepted = await self.app.store.prefetch(list(request.component_ids), _target_tier(request.target_tier))
         return instance_manager_pb2.PrefetchResponse(accepted_ids=accepted)
 
     async def Stats(
         self, request: instance_manager_pb2.StatsRequest, context: aio.ServicerContext
     ) -> instance_manager_pb2.StatsResponse:
-        return self.app.store.stats(self.app.settings.node_id)
+        return stats_response(self.app.store, self.app.settings.node_id)
 
     async def Fuse(
         self, request: instance_manager_pb2.FuseRequest, context: aio.ServicerContext
     ) -> instance_manager_pb2.FuseResponse:
         # LoraRef.scale is a float32 on the wire: 0.8 arrives as 0.800000011920929; 6 decimals give back the value sent.
         loras = [(ref.id, round(float(ref.scale), 6)) for ref in request.loras]
-        rec, handle, lease_id, created = await self.app.store.fuse(request.base_id, loras, request.fused_id, request.holder)
+        rec, handle, lease_id, created = await self.app.fuser.fuse(request.base_id, loras, request.fused_id, request.holder)
         return instance_manager_pb2.FuseResponse(component=rec, handle=handle, lease_id=lease_id, created=created)
+
+
+def _target_tier(value: int) -> Tier:
+    """The wire ``target_tier`` as a :class:`Tier` (INVALID_ARGUMENT for a value the enum does not have)."""
+    try:
+        return Tier(value)
+    except ValueError:
+        raise InvalidArgument("target_tier", f"must be TIER_SSD or TIER_HOST, got {value}") from None
 
 
 class InstanceManagerApp:
@@ -80,6 +93,8 @@ class InstanceManagerApp:
         self._sweeper: asyncio.Task[None] | None = None
         self._node_lock: NodeLock | None = None
         self.store: ComponentStore = self._build_store()
+        self.fuser = OverlayFuser(self.store, register=self._register if settings.coordinator else None)
+        self.store.deriver = self.fuser
 
     def _build_store(self) -> ComponentStore:
         s = self.settings
@@ -89,13 +104,12 @@ class InstanceManagerApp:
             host_capacity=s.host_capacity_bytes,
             allocator=self.allocator,
             remote=RemoteAccess(s.allowed_roots),
-            fetcher=RemoteFetcher(s3=s.s3_options(), in_flight=s.remote_ranges_in_flight),
+            fetcher=remote_fetcher(s3=s.s3_options(), in_flight=s.remote_ranges_in_flight),
             lookup=self._lookup if s.coordinator else None,
             config_cap=s.config_max_bytes,
             retry_after_s=s.retry_after_seconds,
             pinned=set(s.pinned_components),
             lease_ttl_s=s.lease_ttl_seconds,
-            register=self._register if s.coordinator else None,
         )
 
     async def _lookup(self, component_id: str) -> common_pb2.Component:
@@ -228,6 +242,7 @@ class InstanceManagerApp:
         if self.reporter is not None:
             await self.reporter.stop()
         # Frees every block, then closes the allocator: the pool last, after every load (and view) has finished.
+        await self.fuser.close()
         await self.store.close()
         if self._channel is not None:
             await self._channel.close()

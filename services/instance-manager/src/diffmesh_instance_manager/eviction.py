@@ -1,14 +1,16 @@
 """Eviction of the SSD and HOST tiers: the shared utility policy behind a small adapter.
 
-A tier asks its policy which evictable copies (neither leased, nor being read, nor
-pinned) to drop to free ``need_bytes``. :class:`UtilityPolicy` adapts
+A tier asks its :class:`VictimChooser` which evictable copies (neither leased, nor being
+read, nor pinned) to drop to free ``need_bytes``. :class:`UtilityPolicy` adapts
 :class:`diffmesh.policy.eviction.UtilityEviction` — utility = P(reuse within the horizon)
 x seconds to reload the copy from the tier below x kind weight / bytes, lowest first —
 to the instance manager: reuse rates come from a time-decayed request counter the store
 feeds on every use (:class:`Popularity`), reload costs from the bandwidth the node
 measured (or a default before the first load). Among equal utilities (e.g. copies
-nobody has asked for lately) the least recently used goes first. :class:`LruPolicy` is
-kept as a baseline.
+nobody has asked for lately) the least recently used goes first.
+
+(Not :class:`diffmesh.policy.eviction.EvictionPolicy`, the simulator's interface over a
+whole tier: a chooser only ranks the copies a tier offers it.)
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from diffmesh.policy.popularity import DecayedCounter
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """An evictable copy: nothing leases it, nothing is loading from it, the hot plan does not pin it."""
+class EvictableCopy:
+    """A copy a tier may drop: nothing leases it, nothing is loading from it, the hot plan does not pin it."""
 
     component_id: str
     bytes: int
@@ -32,27 +34,16 @@ class Candidate:
     kind: int
 
 
-class EvictionPolicy(Protocol):
-    """Chooses victims among evictable copies."""
+class VictimChooser(Protocol):
+    """Chooses which evictable copies of a tier go."""
 
-    def choose(self, candidates: Sequence[Candidate], need_bytes: int, now: float) -> list[str]:
-        """Ids to evict, in order, freeing at least ``need_bytes`` if the candidates allow it."""
+    def choose(self, candidates: Sequence[EvictableCopy], need_bytes: int, now: float) -> list[str]:
+        """Ids to evict, in order, freeing at least ``need_bytes`` if the candidates allow it (else none)."""
         ...
 
-
-class LruPolicy:
-    """Least recently used first (baseline)."""
-
-    def choose(self, candidates: Sequence[Candidate], need_bytes: int, now: float) -> list[str]:
-        """Oldest ``last_used`` first until ``need_bytes`` are covered."""
-        victims: list[str] = []
-        freed = 0
-        for cand in sorted(candidates, key=lambda c: (c.last_used, c.component_id)):
-            if freed >= need_bytes:
-                break
-            victims.append(cand.component_id)
-            freed += cand.bytes
-        return victims
+    def order(self, candidates: Sequence[EvictableCopy], now: float) -> list[str]:
+        """Every candidate that may go, the first to go first (a pool class needs one block, not bytes)."""
+        ...
 
 
 class Popularity:
@@ -75,7 +66,7 @@ class _Model:
 
     def __init__(
         self,
-        candidates: Sequence[Candidate],
+        candidates: Sequence[EvictableCopy],
         popularity: Popularity,
         reload_cost_s: Callable[[str, int], float],
         pinned: Collection[str],
@@ -118,7 +109,7 @@ class UtilityPolicy:
         self.pinned = pinned
         self.horizon_s = horizon_s
 
-    def choose(self, candidates: Sequence[Candidate], need_bytes: int, now: float) -> list[str]:
+    def choose(self, candidates: Sequence[EvictableCopy], need_bytes: int, now: float) -> list[str]:
         """Victims in ascending utility (ties: least recently used first) until ``need_bytes`` are covered."""
         if need_bytes <= 0:
             return []
@@ -135,7 +126,7 @@ class UtilityPolicy:
             return []
         return victims
 
-    def order(self, candidates: Sequence[Candidate], now: float) -> list[str]:
+    def order(self, candidates: Sequence[EvictableCopy], now: float) -> list[str]:
         """Every unpinned candidate, lowest utility first (for pool-class eviction)."""
         free = [c for c in candidates if c.component_id not in self.pinned]
         return self.choose(free, sum(c.bytes for c in free) or 1, now)

@@ -19,7 +19,6 @@ Everything here is blocking and runs in worker threads.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import uuid
@@ -31,41 +30,30 @@ from typing import Protocol
 from diffmesh.artifacts import CONFIG_SUFFIXES, TENSOR_SUFFIX, folder_files, is_pickle_path
 from diffmesh.errors import DataLoss, FailedPrecondition, InvalidArgument
 from diffmesh.safetensors_header import SafetensorsHeader, SafetensorsHeaderError, read_header
+from diffmesh.shm import node_prefix
+from diffmesh.tiers import Tier
 from diffmesh.v1 import instance_manager_pb2
 
+from diffmesh_instance_manager.stale_shm import list_matching, remove_matching
+
 FILE_ALIGN = 4096
-SHM_DIR = Path("/dev/shm")
 READ_CHUNK = 64 * 1024 * 1024
 
 
-def segment_prefix(node_id: str) -> str:
-    """Name prefix of this node's segments."""
-    return f"dm_{node_id}_"
-
-
-def _segment_re(node_id: str) -> re.Pattern[str]:
+def segment_pattern(node_id: str) -> re.Pattern[str]:
+    """The names of ``node_id``'s per-component segments (``dm_<node_id>_<12 hex>``)."""
     # The exact suffix keeps node "a" from matching node "a_b"'s segments.
-    return re.compile(rf"^{re.escape(segment_prefix(node_id))}[0-9a-f]{{12}}$")
+    return re.compile(rf"{re.escape(node_prefix(node_id))}[0-9a-f]{{12}}")
 
 
 def list_segments(node_id: str) -> list[str]:
     """Names of this node's segments currently under /dev/shm."""
-    if not SHM_DIR.is_dir():
-        return []
-    pattern = _segment_re(node_id)
-    return sorted(p.name for p in SHM_DIR.iterdir() if pattern.match(p.name))
+    return list_matching(segment_pattern(node_id))
 
 
 def remove_stale_segments(node_id: str) -> list[str]:
     """Unlinks segments a crashed instance manager of ``node_id`` left behind."""
-    removed = []
-    for name in list_segments(node_id):
-        try:
-            os.unlink(SHM_DIR / name)
-            removed.append(name)
-        except FileNotFoundError:
-            pass
-    return removed
+    return remove_matching(segment_pattern(node_id))
 
 
 @dataclass(frozen=True)
@@ -101,7 +89,7 @@ class SegmentAllocator:
     """One POSIX shared-memory segment per block."""
 
     def __init__(self, node_id: str) -> None:
-        self.prefix = segment_prefix(node_id)
+        self.prefix = node_prefix(node_id)
         self._segments: dict[str, shared_memory.SharedMemory] = {}
         self._lock = threading.Lock()
 
@@ -155,6 +143,11 @@ def _close_unlink(shm: shared_memory.SharedMemory) -> None:
 class FileLoader(Protocol):
     """Copies one SSD file into a HOST block region."""
 
+    @property
+    def direct_bytes(self) -> int:
+        """Bytes read with ``O_DIRECT`` so far (0 for a loader that never uses it)."""
+        ...
+
     def read_into(self, path: Path, dest: memoryview, length: int | None = None) -> None:
         """Fills ``dest[:length]`` (default: all of it) with the first ``length`` bytes of ``path``;
         DataLoss if the file is shorter. Bytes of ``dest`` past ``length`` may be overwritten."""
@@ -163,6 +156,8 @@ class FileLoader(Protocol):
 
 class BufferedLoader:
     """Plain ``readinto`` in large chunks (the fallback where ``O_DIRECT`` is refused)."""
+
+    direct_bytes = 0
 
     def read_into(self, path: Path, dest: memoryview, length: int | None = None) -> None:
         """Reads the first ``length`` bytes of the file into ``dest``."""
@@ -280,13 +275,13 @@ def materialize(plan: ComponentPlan, allocator: HostAllocator, loader: FileLoade
     return block
 
 
-def to_handle(entry: HostEntry, source_tier: int, load_seconds: float) -> instance_manager_pb2.HostHandle:
+def to_handle(entry: HostEntry, source_tier: Tier, load_seconds: float) -> instance_manager_pb2.HostHandle:
     """The wire handle of a HOST entry (tensor offsets from the start of the segment)."""
     handle = instance_manager_pb2.HostHandle(
         component_id=entry.component_id,
         kind=entry.kind,  # type: ignore[arg-type]
         family=entry.family,
-        source_tier=source_tier,  # type: ignore[arg-type]
+        source_tier=int(source_tier),  # type: ignore[arg-type]
         bytes=entry.plan.tensor_bytes,
         load_seconds=load_seconds,
         base_id=entry.base_id,

@@ -12,8 +12,15 @@ from urllib.parse import unquote
 
 from diffmesh.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 
-from diffmesh_instance_manager.ranged_fetch import DEFAULT_CHUNK, DEFAULT_RETRIES, MAX_FILES, RangedFetcher
-from diffmesh_instance_manager.remote import DEFAULT_IN_FLIGHT, Source
+from diffmesh_instance_manager.fetch_common import Source
+from diffmesh_instance_manager.fetch_options import DEFAULT_IN_FLIGHT
+from diffmesh_instance_manager.ranged_fetch import (
+    BASE_TRANSPORT_ERRORS,
+    DEFAULT_CHUNK,
+    DEFAULT_RETRIES,
+    MAX_FILES,
+    RangedFetcher,
+)
 
 MAX_DEPTH = 8
 
@@ -24,9 +31,13 @@ class HttpFetcher(RangedFetcher):
     label = "HTTP"
 
     def __init__(self, chunk: int = DEFAULT_CHUNK, retries: int = DEFAULT_RETRIES, in_flight: int = DEFAULT_IN_FLIGHT) -> None:
+        import aiohttp
         import fsspec
 
         super().__init__(chunk, retries, in_flight)
+        # fsspec's HTTP filesystem is aiohttp: connection, payload and status errors are aiohttp.ClientError;
+        # timeouts are TimeoutError (fsspec's FSTimeoutError too), an OSError.
+        self.transport_errors = (*BASE_TRANSPORT_ERRORS, aiohttp.ClientError)
         # No redirects: a redirect could leave the allowed URL prefix.
         self.fs = fsspec.filesystem("http", allow_redirects=False, skip_instance_cache=True)
 
@@ -41,7 +52,7 @@ class HttpFetcher(RangedFetcher):
                 listing = self.fs.ls(url, detail=True)
             except FileNotFoundError:
                 raise NotFound("artifact", source.uri) from None
-            except Exception as exc:  # noqa: BLE001 - aiohttp/fsspec errors: the remote is unreachable
+            except self.transport_errors as exc:
                 raise Unavailable(f"{what}: listing {url} failed: {exc}") from None
             for item in listing:
                 name = str(item["name"])
@@ -71,7 +82,7 @@ class HttpFetcher(RangedFetcher):
 
         try:
             status, length = sync(self.fs.loop, head)
-        except Exception as exc:  # noqa: BLE001 - aiohttp errors: the remote is unreachable
+        except self.transport_errors as exc:
             raise Unavailable(f"{what}: {url} is unreachable: {exc}") from None
         if 300 <= status < 400:
             raise PermissionDenied(f"{what}: {url} redirects (HTTP {status}); redirects are not followed")

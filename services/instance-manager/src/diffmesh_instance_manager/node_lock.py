@@ -13,15 +13,14 @@ import os
 from pathlib import Path
 
 from diffmesh.errors import FailedPrecondition
-
-SHM_DIR = Path("/dev/shm")
+from diffmesh.shm import SHM_DIR, node_lock_path
 
 
 class NodeLock:
     """An exclusive lock on a node id; ``release()`` (or process exit) frees it."""
 
     def __init__(self, node_id: str, directory: Path = SHM_DIR) -> None:
-        self.path = directory / f"dm_{node_id}.lock"
+        self.path = node_lock_path(node_id, directory)
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -31,51 +31,38 @@ import heapq
 import importlib.util
 import logging
 import mmap
-import os
 import re
 import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing import shared_memory
-from pathlib import Path
 
 from diffmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from diffmesh.shm import pool_segment_name
 
-from .host import HostBlock
-from .size_classes import BLOCK_GRANULARITY, SizeClass
+from diffmesh_instance_manager.host import HostBlock
+from diffmesh_instance_manager.size_classes import BLOCK_GRANULARITY, SizeClass
+from diffmesh_instance_manager.stale_shm import list_matching, remove_matching
 
 log = logging.getLogger(__name__)
 
-SHM_DIR = Path("/dev/shm")
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux ≥ 5.14
 
 
-def pool_prefix(node_id: str) -> str:
-    """Name prefix of ``node_id``'s pool segment."""
-    return f"dm_{node_id}_pool"
-
-
-def _pool_re(node_id: str) -> re.Pattern[str]:
-    return re.compile(rf"^{re.escape(pool_prefix(node_id))}_[0-9a-f]{{8}}$")
+def pool_pattern(node_id: str) -> re.Pattern[str]:
+    """The names of ``node_id``'s pool segments (``dm_<node_id>_pool_<8 hex>``)."""
+    return re.compile(rf"{re.escape(pool_segment_name(node_id))}_[0-9a-f]{{8}}")
 
 
 def list_pools(node_id: str) -> list[str]:
     """Names of ``node_id``'s pool segments under /dev/shm."""
-    if not SHM_DIR.is_dir():
-        return []
-    pattern = _pool_re(node_id)
-    return sorted(p.name for p in SHM_DIR.iterdir() if pattern.match(p.name))
+    return list_matching(pool_pattern(node_id))
 
 
 def remove_stale_pools(node_id: str) -> list[str]:
     """Unlinks pool segments that a crashed instance manager of ``node_id`` left behind."""
-    removed = []
-    for name in list_pools(node_id):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(SHM_DIR / name)
-            removed.append(name)
-    return removed
+    return remove_matching(pool_pattern(node_id))
 
 
 class PoolExhausted(ResourceExhausted):
@@ -222,7 +209,7 @@ class HostPool:
         self._lock = threading.Lock()
         self._pinned = False
         self._closed = False
-        name = f"{pool_prefix(node_id)}_{uuid.uuid4().hex[:8]}"
+        name = f"{pool_segment_name(node_id)}_{uuid.uuid4().hex[:8]}"
         self._shm = shared_memory.SharedMemory(name=name, create=True, size=self.size)
         self.segment = self._shm.name.lstrip("/")
         try:
@@ -278,6 +265,10 @@ class HostPool:
                 raise ValueError(f"block at offset {block.offset} of {self.segment} is not allocated")
             del self._used[i][idx]
             heapq.heappush(self._free[i], idx)
+
+    def class_of(self, block: HostBlock) -> int:
+        """The index of the size class ``block`` belongs to. Raises ``ValueError`` for a block not of this pool."""
+        return self._locate(block)[0]
 
     def _locate(self, block: HostBlock) -> tuple[int, int]:
         if block.segment != self.segment:

@@ -13,12 +13,16 @@ digest is compared with the catalog's once everything is on disk.
 
 Scheme fetchers implement :meth:`RangedFetcher.size`, :meth:`RangedFetcher.read_range`
 and :meth:`RangedFetcher.list_folder`; they raise ``FileNotFoundError`` for a missing
-object and ``PermissionError`` for a refused one, or a diffmesh error directly.
+object and ``PermissionError`` for a refused one, or a diffmesh error directly, and set
+:attr:`RangedFetcher.transport_errors` to what their client library raises when the
+network fails. Only those are retried and end as UNAVAILABLE; any other exception is a
+bug and propagates (the server answers INTERNAL and logs it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 from abc import ABC, abstractmethod
 from collections import deque
@@ -28,18 +32,24 @@ from pathlib import Path
 from diffmesh.artifacts import is_pickle_path
 from diffmesh.errors import DiffmeshError, InvalidArgument, NotFound, PermissionDenied, Unavailable
 
-from diffmesh_instance_manager.remote import DEFAULT_IN_FLIGHT, Source, check_digest, copy_folder
+from diffmesh_instance_manager.fetch_common import Source, check_digest, copy_folder
+from diffmesh_instance_manager.fetch_options import DEFAULT_IN_FLIGHT
 
 DEFAULT_CHUNK = 8 * 1024 * 1024
 DEFAULT_RETRIES = 3
 MAX_FILES = 10_000
+#: Failures of the connection itself, whatever the client library: socket errors and
+#: timeouts (``OSError``, ``TimeoutError``, ``ConnectionError``) and broken HTTP replies.
+BASE_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (OSError, http.client.HTTPException)
 
 
 class RangedFetcher(ABC):
-    """A :class:`~diffmesh_instance_manager.remote.Fetcher` for URL sources read in ranges."""
+    """A :class:`~diffmesh_instance_manager.fetch_common.Fetcher` for URL sources read in ranges."""
 
     #: Shown in errors: ``"HTTP"``, ``"S3"``.
     label = "remote"
+    #: What a failed transfer raises (retried, then UNAVAILABLE); scheme fetchers add their library's errors.
+    transport_errors: tuple[type[BaseException], ...] = BASE_TRANSPORT_ERRORS
 
     def __init__(self, chunk: int = DEFAULT_CHUNK, retries: int = DEFAULT_RETRIES, in_flight: int = DEFAULT_IN_FLIGHT) -> None:
         if chunk < 1 or retries < 1 or in_flight < 1:
@@ -129,7 +139,7 @@ class RangedFetcher(ABC):
                 raise NotFound("artifact", url) from None
             except PermissionError as exc:
                 raise PermissionDenied(f"{what}: {self.label} refused reading {url}: {exc}") from None
-            except Exception as exc:  # noqa: BLE001 - retried: connection dropped, short body, 5xx
+            except self.transport_errors as exc:  # retried: connection dropped, short body, 5xx
                 last = exc
                 continue
             if len(data) == end - start:

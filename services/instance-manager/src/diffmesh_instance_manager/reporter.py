@@ -2,25 +2,22 @@
 
 * :class:`CatalogClient` reads catalog records (``GetComponent``); records are immutable
   once registered, so found records are cached.
-* :class:`CoordinatorReporter` registers the node at start, heartbeats every third of
-  the lease, re-registers and sends a ``full_snapshot`` when told ``reregister`` (or after
-  the coordinator was unreachable), and sends every SSD/HOST change as a
-  ``ReportResidency`` update. Reporting runs in the background and never fails a client
-  call: a lost update is repaired by the next full snapshot.
+* :class:`CoordinatorReporter` holds the node's coordinator lease and reports every
+  SSD/HOST change: the shared protocol of
+  :class:`diffmesh.coordinator_lease.CoordinatorLease` (register, heartbeat every third of
+  the lease, register again with a full snapshot when the coordinator forgets the node,
+  changes buffered while unregistered and flushed after) over the node's RPCs
+  (:class:`NodeLeaseCalls`). Reporting runs in the background and never fails a client call.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from diffmesh.channels import open_channel
+from diffmesh.coordinator_lease import CoordinatorLease
 from diffmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from grpc import aio
-
-log = logging.getLogger("diffmesh.im.reporter")
 
 RPC_TIMEOUT_S = 10.0
 
@@ -76,8 +73,34 @@ class CatalogClient:
         return {w.worker_id for n in resp.nodes if n.node_id == node_id for w in n.workers}
 
 
-class CoordinatorReporter:
-    """Node registration, heartbeats and residency reports (all in background tasks)."""
+class NodeLeaseCalls:
+    """The coordinator RPCs of one node (a :class:`~diffmesh.coordinator_lease.LeaseCalls`)."""
+
+    def __init__(self, stub: coordinator_pb2_grpc.CacheCoordinatorServiceStub, node: coordinator_pb2.NodeInfo) -> None:
+        self.stub = stub
+        self.node = node
+
+    async def register(self) -> float:
+        """``RegisterNode``; returns the granted lease."""
+        resp = await self.stub.RegisterNode(coordinator_pb2.RegisterNodeRequest(node=self.node), timeout=RPC_TIMEOUT_S)
+        return float(resp.lease_seconds)
+
+    async def heartbeat(self) -> coordinator_pb2.HeartbeatResponse:
+        """``Heartbeat`` of this node."""
+        request = coordinator_pb2.HeartbeatRequest(node_id=self.node.node_id)
+        resp: coordinator_pb2.HeartbeatResponse = await self.stub.Heartbeat(request, timeout=RPC_TIMEOUT_S)
+        return resp
+
+    async def report(self, updates: Sequence[coordinator_pb2.ResidencyUpdate], full_snapshot: bool) -> None:
+        """``ReportResidency`` of this node (its SSD and HOST copies)."""
+        request = coordinator_pb2.ReportResidencyRequest(
+            node_id=self.node.node_id, updates=updates, full_snapshot=full_snapshot
+        )
+        await self.stub.ReportResidency(request, timeout=RPC_TIMEOUT_S)
+
+
+class CoordinatorReporter(CoordinatorLease):
+    """The node's coordinator lease and its SSD/HOST residency reports (all in background tasks)."""
 
     def __init__(
         self,
@@ -86,101 +109,8 @@ class CoordinatorReporter:
         snapshot: Callable[[], list[coordinator_pb2.ResidencyUpdate]],
         retry_seconds: float = 1.0,
     ) -> None:
-        self._stub = stub
+        super().__init__(NodeLeaseCalls(stub, node), snapshot, holder=f"node {node.node_id}", retry_s=retry_seconds)
         self.node = node
-        self._snapshot = snapshot
-        self._retry_seconds = retry_seconds
-        self.lease_seconds = 15.0
-        self.registered = False
-        self._pending: list[coordinator_pb2.ResidencyUpdate] = []
-        self._wake = asyncio.Event()
-        self._send_lock = asyncio.Lock()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = asyncio.Event()
-
-    def start(self) -> None:
-        """Starts the heartbeat and the sender tasks."""
-        self._tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._send_loop())]
-
-    async def stop(self) -> None:
-        """Stops the background tasks (pending updates are dropped: the lease expires anyway)."""
-        self._stopping.set()
-        self._wake.set()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    def changed(self, update: coordinator_pb2.ResidencyUpdate) -> None:
-        """Queues one residency change."""
-        self._pending.append(update)
-        self._wake.set()
-
-    async def flush(self, timeout: float = 10.0) -> bool:
-        """Waits until registered and every queued change is sent; False on timeout."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            if self.registered and not self._pending and not self._send_lock.locked():
-                return True
-            await asyncio.sleep(0.02)
-        return False
-
-    async def _register(self) -> None:
-        resp = await self._stub.RegisterNode(coordinator_pb2.RegisterNodeRequest(node=self.node), timeout=RPC_TIMEOUT_S)
-        if resp.lease_seconds > 0:
-            self.lease_seconds = resp.lease_seconds
-        async with self._send_lock:
-            # The snapshot supersedes queued changes; later changes queue behind it.
-            self._pending.clear()
-            updates = self._snapshot()
-            await self._stub.ReportResidency(
-                coordinator_pb2.ReportResidencyRequest(node_id=self.node.node_id, updates=updates, full_snapshot=True),
-                timeout=RPC_TIMEOUT_S,
-            )
-        self.registered = True
-        log.info("registered with coordinator", extra={"node_id": self.node.node_id, "lease_s": self.lease_seconds})
-
-    async def _heartbeat_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                if not self.registered:
-                    await self._register()
-                else:
-                    resp = await self._stub.Heartbeat(
-                        coordinator_pb2.HeartbeatRequest(node_id=self.node.node_id), timeout=RPC_TIMEOUT_S
-                    )
-                    if resp.lease_seconds > 0:
-                        self.lease_seconds = resp.lease_seconds
-                    if resp.reregister:
-                        log.info("coordinator asked to re-register", extra={"node_id": self.node.node_id})
-                        self.registered = False
-                        continue
-                wait = self.lease_seconds / 3
-            except aio.AioRpcError as exc:
-                log.warning("coordinator call failed", extra={"code": exc.code().name, "detail": exc.details()})
-                self.registered = False
-                wait = self._retry_seconds
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), wait)
-
-    async def _send_loop(self) -> None:
-        while not self._stopping.is_set():
-            await self._wake.wait()
-            self._wake.clear()
-            if not self.registered or not self._pending:
-                continue
-            async with self._send_lock:
-                batch, self._pending = self._pending, []
-                try:
-                    await self._stub.ReportResidency(
-                        coordinator_pb2.ReportResidencyRequest(node_id=self.node.node_id, updates=batch), timeout=RPC_TIMEOUT_S
-                    )
-                except aio.AioRpcError as exc:
-                    # Re-registration sends a full snapshot, which repairs whatever was lost.
-                    log.warning("residency report failed", extra={"code": exc.code().name, "detail": exc.details()})
-                    self.registered = False
 
 
 def open_coordinator(address: str) -> tuple[aio.Channel, coordinator_pb2_grpc.CacheCoordinatorServiceStub]:

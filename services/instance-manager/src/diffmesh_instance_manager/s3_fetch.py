@@ -13,26 +13,43 @@ throttling on each call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from diffmesh.errors import DiffmeshError, FailedPrecondition, NotFound, PermissionDenied, Unavailable
+from diffmesh.errors import FailedPrecondition, NotFound, PermissionDenied, Unavailable
 
-from diffmesh_instance_manager.ranged_fetch import DEFAULT_CHUNK, DEFAULT_RETRIES, RangedFetcher
-from diffmesh_instance_manager.remote import DEFAULT_IN_FLIGHT, Source
+from diffmesh_instance_manager.fetch_common import Source
+from diffmesh_instance_manager.fetch_options import DEFAULT_IN_FLIGHT, S3Options
+from diffmesh_instance_manager.ranged_fetch import BASE_TRANSPORT_ERRORS, DEFAULT_CHUNK, DEFAULT_RETRIES, RangedFetcher
+
+T = TypeVar("T")
+
+_NO_CREDENTIALS = (
+    "{what}: no S3 credentials for {url}: set DIFFMESH_IM_S3_ACCESS_KEY_ID and DIFFMESH_IM_S3_SECRET_ACCESS_KEY, "
+    "the AWS_* variables or an instance role, or DIFFMESH_IM_S3_ANONYMOUS=true for a public bucket"
+)
 
 
-@dataclass(frozen=True)
-class S3Options:
-    """How to reach S3: endpoint, region, credentials and timeouts."""
+def _s3_transport_errors() -> tuple[type[BaseException], ...]:
+    """What s3fs raises when the network fails: botocore's connection and HTTP-client errors (endpoint unreachable,
+    connection closed, read/connect timeouts, a cut body), a reply cut short or unparseable, aiohttp's client errors
+    (aiobotocore's transport) and urllib3's; plus sockets and timeouts (OSError). s3fs turns S3 error replies into
+    OSError subclasses, so a 5xx is covered too."""
+    import aiohttp
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
+    from botocore.parsers import ResponseParserError
+    from urllib3.exceptions import HTTPError as Urllib3Error
 
-    endpoint_url: str = ""
-    region: str = ""
-    access_key_id: str = ""
-    secret_access_key: str = ""
-    anonymous: bool = False
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0
+    return (
+        *BASE_TRANSPORT_ERRORS,
+        BotoConnectionError,
+        HTTPClientError,
+        IncompleteReadError,
+        ResponseParserError,
+        aiohttp.ClientError,
+        Urllib3Error,
+    )
 
 
 class S3Fetcher(RangedFetcher):
@@ -48,8 +65,10 @@ class S3Fetcher(RangedFetcher):
         in_flight: int = DEFAULT_IN_FLIGHT,
     ) -> None:
         import s3fs
+        from botocore.exceptions import NoCredentialsError
 
         super().__init__(chunk, retries, in_flight)
+        self._no_credentials = NoCredentialsError
         o = options or S3Options()
         kwargs: dict[str, Any] = {
             "anon": o.anonymous,
@@ -73,49 +92,40 @@ class S3Fetcher(RangedFetcher):
         self.options = o
         self.fs = s3fs.S3FileSystem(**kwargs)
         self.fs.retries = 1  # ranges are retried here, resuming from the failed range
+        self.transport_errors = _s3_transport_errors()
 
-    def _translate(self, what: str, url: str, exc: BaseException) -> DiffmeshError:
-        """The diffmesh error for an s3fs/botocore failure outside range reads."""
-        from botocore.exceptions import NoCredentialsError
-
-        if isinstance(exc, FileNotFoundError):
-            return NotFound("artifact", url)
-        if isinstance(exc, PermissionError):
-            return PermissionDenied(f"{what}: S3 refused {url}: {exc}")
-        if isinstance(exc, NoCredentialsError):
-            return FailedPrecondition(
-                f"{what}: no S3 credentials for {url}: set DIFFMESH_IM_S3_ACCESS_KEY_ID and DIFFMESH_IM_S3_SECRET_ACCESS_KEY, "
-                "the AWS_* variables or an instance role, or DIFFMESH_IM_S3_ANONYMOUS=true for a public bucket"
-            )
-        return Unavailable(f"{what}: S3 request for {url} failed: {exc}")
+    def _call(self, what: str, url: str, call: Callable[[], T]) -> T:
+        """``call()`` with s3fs/botocore failures outside range reads as diffmesh errors; anything else (a bug) propagates."""
+        try:
+            return call()
+        except FileNotFoundError:
+            raise NotFound("artifact", url) from None
+        except PermissionError as exc:
+            raise PermissionDenied(f"{what}: S3 refused {url}: {exc}") from None
+        except self._no_credentials:
+            raise FailedPrecondition(_NO_CREDENTIALS.format(what=what, url=url)) from None
+        except self.transport_errors as exc:
+            raise Unavailable(f"{what}: S3 request for {url} failed: {exc}") from None
 
     def size(self, what: str, url: str) -> int:
         """The object's size (``HeadObject``)."""
-        try:
-            info = self.fs.info(url)
-        except Exception as exc:  # noqa: BLE001 - botocore/aiohttp errors, translated
-            raise self._translate(what, url, exc) from None
+        info = self._call(what, url, lambda: self.fs.info(url))
         if info.get("type") != "file":
             raise NotFound("artifact", url)
         return int(info["size"])
 
     def read_range(self, url: str, start: int, end: int) -> bytes:
-        """One ranged ``GetObject``."""
-        from botocore.exceptions import NoCredentialsError
-
+        """One ranged ``GetObject`` (transfer failures propagate: :class:`RangedFetcher` retries the range)."""
         try:
             return bytes(self.fs.cat_file(url, start=start, end=end))
-        except NoCredentialsError as exc:
-            raise self._translate("S3", url, exc) from None
+        except self._no_credentials:
+            raise FailedPrecondition(_NO_CREDENTIALS.format(what="S3", url=url)) from None
 
     def list_folder(self, source: Source, base: str) -> list[str]:
         """Keys under the prefix ``base``, relative to it."""
         what = f"component {source.component_id!r}"
         prefix = base.removeprefix("s3://")
-        try:
-            found = self.fs.find(base, detail=True)
-        except Exception as exc:  # noqa: BLE001 - botocore/aiohttp errors, translated
-            raise self._translate(what, source.uri, exc) from None
+        found = self._call(what, source.uri, lambda: self.fs.find(base, detail=True))
         out: list[str] = []
         for name, info in found.items():
             if info.get("type") == "directory" or not name.startswith(prefix):

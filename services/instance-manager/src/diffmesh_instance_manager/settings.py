@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import re
-import socket
 import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from diffmesh.settings import ServiceSettings
+from diffmesh.settings import NODE_ID_PATTERN, ServiceSettings, default_node_id
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from diffmesh_instance_manager.remote import DEFAULT_IN_FLIGHT
-from diffmesh_instance_manager.s3_fetch import S3Options
+from diffmesh_instance_manager.fetch_options import DEFAULT_IN_FLIGHT, S3Options
 
-NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-def _default_node_id() -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "node"
+NODE_ID_RE = re.compile(NODE_ID_PATTERN)
 
 
 class InstanceManagerSettings(ServiceSettings):
@@ -27,52 +21,89 @@ class InstanceManagerSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="DIFFMESH_IM_", extra="ignore")
 
-    node_id: str = Field(default_factory=_default_node_id, description="Node id, unique in the mesh (`[A-Za-z0-9._-]`).")
-    coordinator: str = Field(
-        "", description="Coordinator `host:port`; empty: no catalog, so Acquire/Prefetch fail with FAILED_PRECONDITION."
+    node_id: str = Field(
+        default_factory=default_node_id,
+        json_schema_extra={"doc_default": "host name"},
+        description="Node id, unique in the mesh (`[A-Za-z0-9._-]{1,64}`); also the shared-memory name prefix "
+        "`dm_<node_id>_`.",
     )
-    advertise_host: str = Field("127.0.0.1", description="Host other services use to reach this instance manager.")
+    coordinator: str = Field(
+        "",
+        description="Coordinator `host:port`; empty: no catalog and no reporting, so `Acquire`, `Prefetch` and `Fuse` "
+        "answer `FAILED_PRECONDITION` (`Stats` and health still serve).",
+    )
+    advertise_host: str = Field(
+        "127.0.0.1",
+        description="Host registered with the coordinator as this node's instance manager address "
+        "(`<advertise_host>:<port>`).",
+    )
     ssd_dir: str = Field("", description="SSD cache directory; empty: `<tmp>/diffmesh-ssd-<node_id>`.")
-    ssd_capacity_bytes: int = Field(0, ge=0, description="SSD tier capacity; 0 = unbounded.")
-    host_capacity_bytes: int = Field(0, ge=0, description="HOST (shared-memory) tier capacity; 0 = unbounded.")
+    ssd_capacity_bytes: int = Field(0, ge=0, description="SSD tier capacity in bytes; 0 = unbounded.")
+    host_capacity_bytes: int = Field(
+        0,
+        ge=0,
+        description="HOST tier size in bytes. > 0: one pre-allocated shared-memory pool of this size (at least one 2 MiB "
+        "block), split into size classes; 0 = unbounded, one segment per component (no pool).",
+    )
     allowed_roots: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Directories (or `file://` prefixes), `http(s)://host[:port]/path/` and `s3://bucket/prefix/` prefixes "
-        "REMOTE may read; comma-separated or JSON. Empty refuses every URI.",
+        description="Where artifacts may come from: directories or `file://` prefixes, `http(s)://host[:port]/path/` URL "
+        "prefixes and `s3://bucket/prefix/` prefixes (`s3://bucket`: the whole bucket); comma-separated or JSON list. "
+        "**Empty refuses every URI.** Fused overlays need no root: they are derived on the node.",
     )
     remote_ranges_in_flight: int = Field(
         DEFAULT_IN_FLIGHT,
         ge=1,
         le=64,
-        description="Ranged reads in flight per http(s)/s3 file (each holds one 8 MiB range in memory).",
+        description="Ranged reads in flight per http(s)/s3 file, each holding one 8 MiB range in memory. Object stores "
+        "cap each connection's bandwidth, so parallel ranges are how one fetch reaches the store's.",
     )
     s3_endpoint_url: str = Field(
-        "", description="S3 endpoint for `s3://` artifacts (MinIO, SeaweedFS, Ceph, R2…); empty: AWS S3 of `s3_region`."
+        "",
+        description="Endpoint of an S3-compatible store (MinIO, SeaweedFS, Ceph RGW, R2, …) for `s3://` artifacts; "
+        "empty: AWS S3.",
     )
-    s3_region: str = Field("", description="S3 region; empty: botocore's default (AWS_REGION, ~/.aws/config).")
+    s3_region: str = Field("", description="S3 region; empty: botocore's default (`AWS_REGION`, `~/.aws/config`).")
     s3_access_key_id: str = Field(
-        "", description="S3 access key; empty: the standard AWS credential chain (AWS_* variables, ~/.aws, instance role)."
+        "",
+        description="S3 access key id, set together with `S3_SECRET_ACCESS_KEY`; both empty: the standard AWS credential "
+        "chain (`AWS_*` variables, `~/.aws`, an instance or container role).",
     )
-    s3_secret_access_key: SecretStr = Field(SecretStr(""), description="S3 secret key (with `s3_access_key_id`).")
-    s3_anonymous: bool = Field(False, description="Unsigned S3 requests (public buckets); no credentials are looked up.")
+    s3_secret_access_key: SecretStr = Field(
+        SecretStr(""),
+        description="S3 secret access key, set together with `S3_ACCESS_KEY_ID`; never logged.",
+    )
+    s3_anonymous: bool = Field(False, description="Unsigned S3 requests, for public buckets; no credentials are looked up.")
     config_max_bytes: int = Field(
-        16 * 1024 * 1024, ge=0, description="Cap on a component's inline config files (JSON, tokenizer)."
+        16 * 1024 * 1024, ge=0, description="Cap in bytes on one component's inline config files (JSON, tokenizer vocab/merges)."
     )
     retry_after_seconds: float = Field(
-        2.0, gt=0, description="Retry hint sent with RESOURCE_EXHAUSTED when the HOST tier is all leased."
+        2.0, gt=0, description="Retry hint sent with `RESOURCE_EXHAUSTED` (a tier full of leased, pinned or in-use copies)."
     )
-    pool_classes: int = Field(5, ge=1, le=64, description="Size classes of the HOST pool (weighted k-means over catalog sizes).")
-    pool_prefault: bool = Field(True, description="Touch every page of the HOST pool at start (loads then allocate nothing).")
-    direct_io: bool = Field(True, description="SSD -> HOST with O_DIRECT (buffered fallback where refused); false: buffered.")
+    pool_classes: int = Field(
+        5,
+        ge=1,
+        le=64,
+        description="Size classes of the HOST pool (weighted k-means over the catalog's component sizes).",
+    )
+    pool_prefault: bool = Field(
+        True,
+        description="Touch every page of the HOST pool at start (seconds per GB; loads then allocate nothing).",
+    )
+    direct_io: bool = Field(
+        True,
+        description="SSD → HOST reads with `O_DIRECT` (a buffered fallback is chosen automatically where refused, e.g. "
+        "tmpfs); `false`: buffered.",
+    )
     pinned_components: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Component ids the hot plan pins: never evicted from SSD or HOST; comma-separated or JSON.",
+        description="Component ids the hot plan pins: never evicted from SSD or HOST; comma-separated or JSON list.",
     )
     lease_ttl_seconds: float = Field(
         300.0,
         ge=0,
-        description="A holder's leases end after this long without a new Acquire and without being a live worker at the "
-        "coordinator; 0 = never.",
+        description="A holder's leases end after this long without a new `Acquire`/`Fuse` by it and without it being a "
+        "live worker of this node at the coordinator; 0 = never.",
     )
 
     @field_validator("node_id")

@@ -21,9 +21,9 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from diffmesh_instance_manager.remote import fsync_dir
+from diffmesh_instance_manager.fetch_common import fsync_dir
 
-log = logging.getLogger("diffmesh.im.ssd")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from diffmesh_router.recorder import RequestRecorder
 from diffmesh_router.settings import RouterSettings
 from diffmesh_router.validation import component_ids, validate_against_catalog, validate_request
 
-log = logging.getLogger("diffmesh.router")
+log = logging.getLogger(__name__)
 _tracer = tracer("diffmesh.router")
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name

@@ -19,7 +19,7 @@ from grpc import aio
 
 from diffmesh_router.placement import InFlight, Placement
 
-log = logging.getLogger("diffmesh.router.forwarder")
+log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2  # the chosen worker, then once more on the next candidate
 

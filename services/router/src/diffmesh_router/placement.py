@@ -17,11 +17,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from diffmesh.errors import Unavailable
-from diffmesh.policy.locality import Copy, RankedWorker, Tier, WorkerCandidate, rank_workers
+from diffmesh.policy.locality import Copy, RankedWorker, WorkerCandidate, rank_workers
+from diffmesh.tiers import Tier
 from diffmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from grpc import aio
 
-log = logging.getLogger("diffmesh.router.placement")
+log = logging.getLogger(__name__)
 
 PlacementPolicy = Callable[[Mapping[str, int], Iterable[WorkerCandidate], Iterable[Copy]], list[RankedWorker]]
 """Ranks candidate workers best first, given component bytes and the residencies."""
@@ -116,6 +117,7 @@ def copies_from_locations(locations: Iterable[coordinator_pb2.ComponentLocation]
     copies = []
     for loc in locations:
         for res in loc.residencies:
+            # The gRPC edge: an enum value this build does not know counts as no tier.
             tier = Tier(res.tier) if res.tier in Tier._value2member_map_ else Tier.UNSPECIFIED
             copies.append(Copy(loc.component_id, res.node_id, tier, res.worker_id))
     return copies

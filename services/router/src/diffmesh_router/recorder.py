@@ -16,7 +16,7 @@ import grpc
 from diffmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 from grpc import aio
 
-log = logging.getLogger("diffmesh.router.recorder")
+log = logging.getLogger(__name__)
 
 MAX_BATCH = 10_000  # RecordRequests accepts at most this many records per call
 RETRYABLE = frozenset(

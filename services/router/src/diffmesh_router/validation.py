@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from diffmesh.catalog import kind_name
 from diffmesh.errors import InvalidArgument
 from diffmesh.request_validation import validate_generation
 from diffmesh.v1 import common_pb2
@@ -21,11 +22,6 @@ MAX_TEXT_ID_CHARS = 128
 
 PRINTABLE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 BASE_KINDS = (common_pb2.COMPONENT_KIND_BASE, common_pb2.COMPONENT_KIND_FUSED)
-
-
-def _kind_name(kind: int) -> str:
-    names: dict[int, str] = {int(v): k.removeprefix("COMPONENT_KIND_") for k, v in common_pb2.ComponentKind.items()}
-    return names.get(kind, str(kind))
 
 
 def validate_request(
@@ -53,11 +49,11 @@ def validate_against_catalog(pipeline: common_pb2.PipelineSpec, records: Mapping
     """
     base = records[pipeline.base_id]
     if base.kind not in BASE_KINDS:
-        raise InvalidArgument("pipeline.base_id", f"{base.id!r} is a {_kind_name(base.kind)}, not a base model")
+        raise InvalidArgument("pipeline.base_id", f"{base.id!r} is a {kind_name(base.kind)}, not a base model")
     for i, lora in enumerate(pipeline.loras):
         rec = records[lora.id]
         if rec.kind != common_pb2.COMPONENT_KIND_LORA:
-            raise InvalidArgument(f"pipeline.loras[{i}].id", f"{rec.id!r} is a {_kind_name(rec.kind)}, not a LORA")
+            raise InvalidArgument(f"pipeline.loras[{i}].id", f"{rec.id!r} is a {kind_name(rec.kind)}, not a LORA")
         if rec.family != base.family:
             raise InvalidArgument(
                 f"pipeline.loras[{i}].id", f"{rec.id!r} is family {rec.family!r}, the base {base.id!r} is {base.family!r}"
@@ -65,7 +61,7 @@ def validate_against_catalog(pipeline: common_pb2.PipelineSpec, records: Mapping
     for i, cn in enumerate(pipeline.controlnets):
         rec = records[cn.id]
         if rec.kind != common_pb2.COMPONENT_KIND_CONTROLNET:
-            raise InvalidArgument(f"pipeline.controlnets[{i}].id", f"{rec.id!r} is a {_kind_name(rec.kind)}, not a CONTROLNET")
+            raise InvalidArgument(f"pipeline.controlnets[{i}].id", f"{rec.id!r} is a {kind_name(rec.kind)}, not a CONTROLNET")
         if rec.family != base.family:
             raise InvalidArgument(
                 f"pipeline.controlnets[{i}].id", f"{rec.id!r} is family {rec.family!r}, the base {base.id!r} is {base.family!r}"

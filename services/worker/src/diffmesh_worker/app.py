@@ -10,16 +10,16 @@ denoising step (loading, if under way, completes and stays cached), and frees th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import torch
 from diffmesh.channels import open_channel
-from diffmesh.errors import FailedPrecondition
+from diffmesh.errors import DiffmeshError, FailedPrecondition
 from diffmesh.telemetry import tracer
 from diffmesh.v1 import (
     common_pb2,
@@ -42,9 +42,12 @@ from diffmesh_worker.shm_mapping import SegmentMapper
 from diffmesh_worker.skeletons import SkeletonPool
 from diffmesh_worker.validation import Job, validate
 
-log = logging.getLogger("diffmesh_worker")
+log = logging.getLogger(__name__)
 _tracer = tracer("diffmesh_worker")
 SERVICE_NAME = "diffmesh.v1.WorkerService"
+STOP_WAIT_S = 30.0
+# How a run ends without a bug: interrupted, refused (the error model) or a failed IM call.
+EXPECTED_RUN_ERRORS = (Interrupted, DiffmeshError, grpc.RpcError)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -129,10 +132,15 @@ class WorkerApp:
         log.info("worker started", extra={"worker_id": s.worker_id, "device": self.device, "port": port})
 
     async def stop(self) -> None:
-        """Interrupts nothing (the server drained already); frees the device tier and its leases."""
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(task), timeout=30)
+        """Interrupts nothing (the server drained already); frees the device tier and its leases.
+
+        Runs still finishing get up to 30 s. Their outcome is not stop's business (each run's
+        client, or :meth:`run`'s done callback, reads it), so nothing is suppressed here.
+        """
+        if self._tasks:
+            _, busy = await asyncio.wait(list(self._tasks), timeout=STOP_WAIT_S)
+            if busy:
+                log.warning("runs still busy at stop", extra={"runs": len(busy)})
         if self._loader is not None:
             await self._loader.release_removed(self.cache.clear())
         if self.registrar is not None:
@@ -195,8 +203,12 @@ class WorkerApp:
             def finished(done: asyncio.Task[common_pb2.GenerationResult]) -> None:
                 self._tasks.discard(done)  # type: ignore[arg-type]
                 self.slot.release(ticket)
-                if not done.cancelled():
-                    done.exception()  # retrieved here too: a cancelled client never reads it
+                if done.cancelled():
+                    return
+                exc = done.exception()  # retrieved here too: a cancelled client never reads it
+                if exc is not None and cancelled.is_set() and not isinstance(exc, EXPECTED_RUN_ERRORS):
+                    # A bug, with no client left to report it to: log it (a client present gets INTERNAL).
+                    log.error("request failed after its client left", exc_info=exc, extra={"request_id": job.request_id})
 
             task.add_done_callback(finished)
             while True:
@@ -232,7 +244,7 @@ class WorkerApp:
             load_started = time.perf_counter()
             with _tracer.start_as_current_span("worker.load") as span:
                 span.set_attribute("pipeline_key", job.pipeline_key)
-                outcome = await self._loader.prepare(job, events.put_nowait)
+                loaded = await self._loader.prepare(job, events.put_nowait)
             load_s = time.perf_counter() - load_started
 
             def on_step(step: int, total: int) -> None:
@@ -243,7 +255,7 @@ class WorkerApp:
             with _tracer.start_as_current_span("worker.denoise") as span:
                 span.set_attribute("steps", job.steps)
                 span.set_attribute("num_images", job.num_images)
-                images = await loop.run_in_executor(self.executor, denoise, outcome.prepared, job, cancelled, on_step)
+                images = await loop.run_in_executor(self.executor, denoise, loaded.modules, job, cancelled, on_step)
             denoise_s = time.perf_counter() - denoise_started
         except Interrupted:
             log.info("request cancelled", extra={"request_id": job.request_id})
@@ -254,7 +266,7 @@ class WorkerApp:
             images=images,
             worker_id=self.settings.worker_id,
             node_id=self.settings.node_id,
-            loads=outcome.loads,
+            loads=loaded.loads,
             timing=common_pb2.Timing(
                 queue_seconds=queue_s, load_seconds=load_s, denoise_seconds=denoise_s, total_seconds=total_s
             ),

@@ -32,8 +32,8 @@ from diffmesh_worker.assemble import BuiltBase, BuiltControlNet
 
 
 @dataclass
-class Lease:
-    """One instance-manager lease and the cached components still relying on it."""
+class AcquireLease:
+    """The lease of one ``InstanceManager.Acquire`` call and the cached components still relying on it."""
 
     lease_id: str
     holding: set[str] = field(default_factory=set)
@@ -59,7 +59,7 @@ class CacheEntry:
     family: str
     bytes: int
     built: Built
-    lease: Lease | None
+    lease: AcquireLease | None
     last_used_unix: float = field(default_factory=time.time)
 
 

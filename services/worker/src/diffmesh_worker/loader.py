@@ -12,7 +12,7 @@ and least recently used ones are evicted to make room (their leases released).
 A FUSED overlay as ``base_id`` runs instead of runtime adapters: its handle names its base
 (``base_id``), which is acquired too (a second Acquire when the overlay was not cached)
 and built first; the overlay's UNet shares every base tensor and swaps in its own
-(:func:`~diffmesh_worker.overlay.build_fused`). Both are cached, the overlay under its own
+(:func:`~diffmesh_worker.overlay_reader.build_fused`). Both are cached, the overlay under its own
 id, and both appear in the loads (overlay first). Runtime LoRAs may still be added on top.
 
 Loading is not interrupted when the client goes away: one Acquire lease covers all the
@@ -31,35 +31,29 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from diffmesh.catalog import kind_name
 from diffmesh.errors import FailedPrecondition, InvalidArgument
 from diffmesh.telemetry import tracer
 from diffmesh.v1 import common_pb2, instance_manager_pb2, instance_manager_pb2_grpc, worker_pb2
 from grpc import aio
 
-from diffmesh_worker import adapters, overlay
+from diffmesh_worker import adapters, overlay_reader
 from diffmesh_worker.assemble import BuiltBase, BuiltControlNet, DevicePlacement, build_base, build_controlnet
-from diffmesh_worker.device_cache import CacheEntry, DeviceCache, Lease, LoraWeights, Removed
-from diffmesh_worker.runner import Prepared
+from diffmesh_worker.device_cache import AcquireLease, CacheEntry, DeviceCache, LoraWeights, Removed
+from diffmesh_worker.runner import PipelineModules
 from diffmesh_worker.shm_mapping import SegmentMapper
 from diffmesh_worker.skeletons import SkeletonPool
 from diffmesh_worker.validation import Job
 
-log = logging.getLogger("diffmesh_worker.loader")
+log = logging.getLogger(__name__)
 _tracer = tracer("diffmesh_worker")
-
-KIND_NAMES: dict[int, str] = {
-    common_pb2.COMPONENT_KIND_BASE: "BASE",
-    common_pb2.COMPONENT_KIND_LORA: "LORA",
-    common_pb2.COMPONENT_KIND_CONTROLNET: "CONTROLNET",
-    common_pb2.COMPONENT_KIND_FUSED: "FUSED",
-}
 
 
 @dataclass
-class Outcome:
-    """A ready pipeline and how each component got ready."""
+class LoadedPipeline:
+    """A request's pipeline ready on the device, and how each component got ready."""
 
-    prepared: Prepared
+    modules: PipelineModules
     loads: list[common_pb2.ComponentLoad] = field(default_factory=list)
 
 
@@ -137,7 +131,7 @@ class Loader:
             return  # an overlay may stand where a base does
         if kind != need.kind:
             raise InvalidArgument(
-                need.field, f"{need.component_id!r} is a {KIND_NAMES.get(kind, kind)}, expected a {KIND_NAMES[need.kind]}"
+                need.field, f"{need.component_id!r} is a {kind_name(kind)}, expected a {kind_name(need.kind)}"
             )
         if need.kind not in (common_pb2.COMPONENT_KIND_BASE, common_pb2.COMPONENT_KIND_FUSED) and family != base_family:
             raise InvalidArgument(need.field, f"{need.component_id!r} is family {family!r} but the base is {base_family!r}")
@@ -157,23 +151,23 @@ class Loader:
         return handle.base_id
 
     async def _acquire(
-        self, ids: list[str], handles: dict[str, instance_manager_pb2.HostHandle], leases: dict[str, Lease]
+        self, ids: list[str], handles: dict[str, instance_manager_pb2.HostHandle], leases: dict[str, AcquireLease]
     ) -> float:
         """One Acquire for ``ids``: adds their handles and leases; returns its seconds."""
         started = time.perf_counter()
         resp = await self.im.Acquire(
             instance_manager_pb2.AcquireRequest(component_ids=ids, holder=self.worker_id), timeout=self.acquire_timeout_s
         )
-        lease = Lease(resp.lease_id)
+        lease = AcquireLease(resp.lease_id)
         for h in resp.handles:
             handles[h.component_id] = h
             leases[h.component_id] = lease
         return time.perf_counter() - started
 
-    async def prepare(self, job: Job, emit: Callable[[worker_pb2.RunResponse], None]) -> Outcome:
+    async def prepare(self, job: Job, emit: Callable[[worker_pb2.RunResponse], None]) -> LoadedPipeline:
         """Makes every component of ``job`` ready on the device; returns the modules and the loads."""
         handles: dict[str, instance_manager_pb2.HostHandle] = {}
-        leases: dict[str, Lease] = {}
+        leases: dict[str, AcquireLease] = {}
         acquire_s = 0.0
         try:
             fused_base = self._fused_base(job.base_id, handles)
@@ -211,10 +205,10 @@ class Loader:
         needs: list[_Need],
         pinned: set[str],
         handles: dict[str, instance_manager_pb2.HostHandle],
-        leases: dict[str, Lease],
+        leases: dict[str, AcquireLease],
         acquire_s: float,
         emit: Callable[[worker_pb2.RunResponse], None],
-    ) -> Outcome:
+    ) -> LoadedPipeline:
         fused = needs[0].kind == common_pb2.COMPONENT_KIND_FUSED
         base_need = needs[1] if fused else needs[0]
         base_id = base_need.component_id
@@ -222,7 +216,7 @@ class Loader:
         for need in needs:
             kind, family = self._identity(need.component_id, handles)
             if fused and need is base_need and kind != common_pb2.COMPONENT_KIND_BASE:
-                raise FailedPrecondition(f"overlay {job.base_id!r} applies to {base_id!r}, a {KIND_NAMES.get(kind, kind)}")
+                raise FailedPrecondition(f"overlay {job.base_id!r} applies to {base_id!r}, a {kind_name(kind)}")
             if fused and need is base_need and family != base_family:
                 raise FailedPrecondition(f"overlay {job.base_id!r} is family {base_family!r}, its base {base_id!r} {family!r}")
             self._check(need, kind, family, base_family)
@@ -279,7 +273,8 @@ class Loader:
         base = base_entry.built
         if fused:
             if job.base_id in handles:
-                fuse = partial(overlay.build_fused, self.mapper, base, handles[job.base_id], self.placement, self.skeletons)
+                fused_handle = handles[job.base_id]
+                fuse = partial(overlay_reader.build_fused, self.mapper, base, fused_handle, self.placement, self.skeletons)
                 built_fused: BuiltBase = await component(needs[0], fuse)
                 add(job.base_id, base_kind, base_family, built_fused.bytes, built_fused)
             else:
@@ -327,4 +322,4 @@ class Loader:
                 await component(need, None)
 
         self.cache.touch([n.component_id for n in needs])
-        return Outcome(Prepared(base, controlnets), [loads[n.component_id] for n in needs])
+        return LoadedPipeline(PipelineModules(base, controlnets), [loads[n.component_id] for n in needs])

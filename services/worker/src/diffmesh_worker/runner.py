@@ -130,8 +130,8 @@ class Interrupted(Exception):
 
 
 @dataclass
-class Prepared:
-    """The device-resident modules of one request's pipeline."""
+class PipelineModules:
+    """The device-resident modules of one request's pipeline: its base (or overlay) and ControlNets."""
 
     base: BuiltBase
     controlnets: list[BuiltControlNet]
@@ -171,7 +171,7 @@ def _call_kwargs(pipe: Any, job: Job, callback: Callable[..., dict[str, Any]]) -
 
 
 def denoise(
-    prepared: Prepared, job: Job, cancelled: threading.Event, on_step: Callable[[int, int], None]
+    modules: PipelineModules, job: Job, cancelled: threading.Event, on_step: Callable[[int, int], None]
 ) -> list[common_pb2.Image]:
     """Runs the job's pipeline (in the device thread) and returns its PNG images.
 
@@ -179,8 +179,8 @@ def denoise(
     """
     if cancelled.is_set():
         raise Interrupted()
-    adapters.activate(prepared.base, job.loras)
-    pipe: Any = make_pipeline(prepared.base, prepared.controlnets, job.task)
+    adapters.activate(modules.base, job.loras)
+    pipe: Any = make_pipeline(modules.base, modules.controlnets, job.task)
 
     def callback(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         if cancelled.is_set():

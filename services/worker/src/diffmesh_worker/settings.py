@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import re
-import socket
-
-from diffmesh.settings import ServiceSettings
+from diffmesh.ports import INSTANCE_MANAGER_PORT, loopback
+from diffmesh.settings import NODE_ID_PATTERN, ServiceSettings, default_node_id
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
-
-
-def _default_node_id() -> str:
-    # Same default as the instance manager's, so a worker and its node agree out of the box.
-    return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "node"
 
 
 class WorkerSettings(ServiceSettings):
@@ -20,30 +13,48 @@ class WorkerSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="DIFFMESH_WORKER_", extra="ignore")
 
-    worker_id: str = Field("worker-0", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="Worker id, unique within its node.")
+    worker_id: str = Field("worker-0", pattern=NODE_ID_PATTERN, description="Worker id, unique within its node.")
     node_id: str = Field(
-        default_factory=_default_node_id, pattern=r"^[A-Za-z0-9._-]{1,64}$", description="Node id (the instance manager's)."
+        default_factory=default_node_id,
+        pattern=NODE_ID_PATTERN,
+        json_schema_extra={"doc_default": "host name"},
+        description="Node id: its instance manager's (the same default, so the two agree on one machine).",
     )
-    coordinator: str = Field("", description="Coordinator `host:port`; empty: do not register or report residency.")
-    instance_manager: str = Field("127.0.0.1:50052", description="This node's instance manager `host:port`.")
-    advertise_host: str = Field("127.0.0.1", description="Host the router uses to reach this worker.")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="`auto` (CUDA when present), `cpu`, `cuda[:N]`.")
-    max_queue: int = Field(16, ge=0, description="Requests that may wait for the device; more → RESOURCE_EXHAUSTED.")
+    coordinator: str = Field(
+        "",
+        description="Coordinator `host:port`; empty: no registration and no residency reports (so no router finds this "
+        "worker).",
+    )
+    instance_manager: str = Field(
+        loopback(INSTANCE_MANAGER_PORT),
+        description="This node's instance manager `host:port`; the default is the instance manager's port of the port "
+        "plan on this machine.",
+    )
+    advertise_host: str = Field(
+        "127.0.0.1",
+        description="Host registered with the coordinator: the router reaches this worker at `<advertise_host>:<port>`.",
+    )
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="`auto` (CUDA when present, else CPU), `cpu` or `cuda[:N]`."
+    )
+    max_queue: int = Field(16, ge=0, description="Requests that may wait for the device; beyond that `RESOURCE_EXHAUSTED`.")
     cache_bytes: int = Field(
-        0, ge=0, description="Device-tier cache budget in bytes; 0 = 80% of device memory (CUDA) or 50% of RAM (CPU)."
+        0, ge=0, description="Device-tier budget in bytes; 0 = 80 % of GPU memory (CUDA) or 50 % of RAM (CPU)."
     )
     cache_max_components: int = Field(64, ge=1, description="Most components kept built on the device.")
     torch_threads: int = Field(
         0,
         ge=0,
-        description="CPU threads torch may use (set_num_threads); 0 = torch's default. Several CPU workers on one host: 1-2.",
+        description="CPU threads torch may use (`torch.set_num_threads`); 0 = torch's default (use 1 or 2 when several CPU "
+        "workers share a host).",
     )
     skeleton_keys: int = Field(
         8,
         ge=0,
-        description="Architectures (module class + config) given a spare meta skeleton built ahead for cold loads; 0 = none.",
+        description="Architectures (module class + config) that keep a spare meta-device skeleton, built ahead while the "
+        "device is idle, so a cold load skips building one; 0 = no spares.",
     )
-    acquire_timeout_seconds: float = Field(300.0, gt=0, description="Deadline of an InstanceManager.Acquire call.")
+    acquire_timeout_seconds: float = Field(300.0, gt=0, description="Deadline of the instance manager's `Acquire` call.")
     report_timeout_seconds: float = Field(
-        5.0, gt=0, description="Deadline of coordinator calls (register, heartbeat, residency)."
+        5.0, gt=0, description="Deadline of coordinator calls (register, heartbeat, residency reports)."
     )

@@ -23,15 +23,14 @@ from pathlib import Path
 import torch
 from diffmesh.errors import DataLoss
 from diffmesh.safetensors_header import SafetensorsHeaderError, torch_dtype
+from diffmesh.shm import SHM_DIR
 from diffmesh.v1 import instance_manager_pb2
-
-SHM_ROOT = Path("/dev/shm")
 
 
 class SegmentMapper:
     """Maps shared-memory segments read-only, one mapping per segment name, reused while alive."""
 
-    def __init__(self, root: Path = SHM_ROOT) -> None:
+    def __init__(self, root: Path = SHM_DIR) -> None:
         self.root = root
         self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.Lock()

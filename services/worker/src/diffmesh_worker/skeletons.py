@@ -42,7 +42,7 @@ from accelerate import init_empty_weights
 from diffusers.configuration_utils import ConfigMixin
 from transformers import PreTrainedModel
 
-log = logging.getLogger("diffmesh_worker.skeletons")
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=torch.nn.Module)
 Key = tuple[type, str]

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from diffmesh.artifacts import artifact_bytes, artifact_sha256
-from diffmesh.demo.safetensors_header import canonicalize_header
 from diffmesh.demo.tokenizer import build_tokenizer, special_ids
+from diffmesh.safetensors_header import canonicalize_header
 
 FAMILY = "sd15"
 CATALOG_NAME = "catalog.json"

@@ -1,4 +1,4 @@
-"""A whole diffmesh on one machine: Redis, a trace collector and the four services as processes.
+"""A whole diffmesh on one machine: Redis, an OTLP span collector and the four services as processes.
 
 :class:`LocalMesh` is what ``diffmesh run`` and the end-to-end tests start::
 
@@ -24,9 +24,10 @@ from pathlib import Path
 
 import grpc
 
-from diffmesh.launcher.processes import SHM_DIR, SHM_PREFIX, ChildProcess, ServiceFailed, ServiceSpec, free_port, shm_segments
+from diffmesh.launcher.processes import ChildProcess, ServiceFailed, ServiceSpec, free_port, shm_segments
 from diffmesh.redis_server import RedisServer
-from diffmesh.trace_collector import TraceCollector
+from diffmesh.shm import SHM_DIR, node_prefix
+from diffmesh.span_collector import SpanCollector
 from diffmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 Progress = Callable[[str], None]
@@ -94,7 +95,7 @@ class LocalMesh:
         self.models_dir = config.models_dir.resolve()
         self.log_dir = self.run_dir / "logs"
         self.processes: list[ChildProcess] = []
-        self.collector: TraceCollector | None = None
+        self.collector: SpanCollector | None = None
         self.redis: RedisServer | None = None
         self.redis_url = ""
         self.otlp_endpoint = ""
@@ -160,7 +161,7 @@ class LocalMesh:
             self.otlp_endpoint = endpoint
             say(f"traces: exporting to {endpoint} (OTEL_EXPORTER_OTLP_ENDPOINT)")
         else:
-            self.collector = TraceCollector().start()
+            self.collector = SpanCollector().start()
             self.otlp_endpoint = self.collector.endpoint
             say(f"traces: in-process OTLP collector at {self.otlp_endpoint}")
 
@@ -290,7 +291,7 @@ class LocalMesh:
             for proc in stages.get(key, []):
                 problems += proc.wait_stopped(self.config.stop_grace_s)
         # Only segments of our node that were not there before: other meshes may share /dev/shm.
-        ours = f"{SHM_PREFIX}{self.config.node_id}_"
+        ours = node_prefix(self.config.node_id)
         leaked = sorted(s for s in shm_segments() - self._shm_before if s.startswith(ours))
         if leaked:
             problems.append(f"leaked shared-memory segments (removed now): {', '.join(leaked)}")

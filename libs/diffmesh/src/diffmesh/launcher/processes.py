@@ -22,11 +22,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from diffmesh.redis_server import free_port
+from diffmesh.shm import SHM_DIR, SHM_PREFIX
 
 __all__ = ["ChildProcess", "ServiceFailed", "ServiceSpec", "find_script", "free_port", "shm_segments"]
-
-SHM_DIR = Path("/dev/shm")
-SHM_PREFIX = "dm_"
 
 
 class ServiceFailed(RuntimeError):

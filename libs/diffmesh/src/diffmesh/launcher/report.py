@@ -14,18 +14,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from diffmesh.launcher.runner import Outcome
-from diffmesh.trace_collector import CollectedSpan, SpanStore
+from diffmesh.catalog import kind_name
+from diffmesh.launcher.runner import RequestOutcome
+from diffmesh.span_collector import CollectedSpan, SpanStore
+from diffmesh.tiers import FASTEST_FIRST, Tier
 from diffmesh.v1 import common_pb2
 
-TIER_ORDER = ("GPU", "HOST", "SSD", "REMOTE")
+TIER_ORDER = tuple(tier.label for tier in FASTEST_FIRST)
+"""Tier labels in the order the tables print them."""
 
 
 def tier_label(value: Any) -> str:
     """``HOST``-style label of a tier given as an enum number or a (prefixed) name."""
     if isinstance(value, int) and not isinstance(value, bool):
         try:
-            return common_pb2.Tier.Name(value).removeprefix("TIER_")  # type: ignore[arg-type]
+            return Tier(value).label
         except ValueError:
             return str(value)
     return str(value or "?").upper().removeprefix("TIER_")
@@ -123,7 +126,7 @@ def wait_for_request_spans(store: SpanStore, trace_ids: Sequence[str], timeout: 
     return store.wait_for(ready, timeout)
 
 
-def breakdowns(outcomes: Sequence[Outcome], store: SpanStore | None) -> dict[int, Breakdown]:
+def breakdowns(outcomes: Sequence[RequestOutcome], store: SpanStore | None) -> dict[int, Breakdown]:
     """Request index → breakdown, from spans where the store has them, else from the result."""
     traces = store.traces() if store is not None else {}
     out: dict[int, Breakdown] = {}
@@ -149,7 +152,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_requests(outcomes: Sequence[Outcome]) -> str:
+def render_requests(outcomes: Sequence[RequestOutcome]) -> str:
     """The request table: request, pipeline key, worker, tier of each component, latency."""
     rows = []
     for o in outcomes:
@@ -167,7 +170,7 @@ def _tiers(values: dict[str, float]) -> str:
     return " ".join(f"{t} {values[t]:.3f}" for t in order) or "-"
 
 
-def render_breakdown(outcomes: Sequence[Outcome], table: dict[int, Breakdown]) -> str:
+def render_breakdown(outcomes: Sequence[RequestOutcome], table: dict[int, Breakdown]) -> str:
     """The latency breakdown table (seconds)."""
     rows = []
     for o in outcomes:
@@ -181,7 +184,9 @@ def render_breakdown(outcomes: Sequence[Outcome], table: dict[int, Breakdown]) -
     return _table(["request", "total", "queue", "load", "load by tier", "IM acquire by tier", "denoise", "other", "from"], rows)
 
 
-def summary(outcomes: Sequence[Outcome], table: dict[int, Breakdown], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def summary(
+    outcomes: Sequence[RequestOutcome], table: dict[int, Breakdown], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The JSON summary written to ``OUT/summary.json``."""
     requests = []
     for o in outcomes:
@@ -203,7 +208,7 @@ def summary(outcomes: Sequence[Outcome], table: dict[int, Breakdown], extra: dic
                 "worker_id": o.result.worker_id,
                 "node_id": o.result.node_id,
                 "components": [
-                    {"id": load.component_id, "kind": common_pb2.ComponentKind.Name(load.kind).removeprefix("COMPONENT_KIND_"),
+                    {"id": load.component_id, "kind": kind_name(load.kind),
                      "tier": tier_label(load.source_tier), "bytes": load.bytes, "seconds": round(load.seconds, 6)}
                     for load in o.result.loads
                 ],

@@ -12,14 +12,16 @@ import grpc
 from opentelemetry import trace
 
 from diffmesh.client import Client, DiffmeshClientError, UnavailableError
+from diffmesh.errors import error_for_status
 from diffmesh.launcher.demo_requests import DemoRequest
+from diffmesh.tiers import Tier
 from diffmesh.v1 import common_pb2
 
 Progress = Callable[[str], None]
 
 
 @dataclass
-class Outcome:
+class RequestOutcome:
     """What happened to one request: its result (or error), latency, trace id and files."""
 
     index: int
@@ -60,10 +62,10 @@ def _generate(client: Client, req: DemoRequest, say: Progress) -> tuple[common_p
         if isinstance(event, common_pb2.GenerationResult):
             result = event
         elif isinstance(event, common_pb2.ProgressLoading):
-            tier = common_pb2.Tier.Name(event.source_tier).removeprefix("TIER_")
+            tier = Tier(event.source_tier).label
             say(f"  {req.name}: loading {event.component_id} from {tier} ({event.bytes:,} B)")
     if result is None:
-        raise DiffmeshClientError(grpc.StatusCode.UNKNOWN, "the stream ended without a result")
+        raise error_for_status(grpc.StatusCode.UNKNOWN, "the stream ended without a result")
     return result, events
 
 
@@ -74,16 +76,16 @@ def run_requests(
     say: Progress,
     tracer: trace.Tracer | None = None,
     unavailable_retry_s: float = 30.0,
-) -> list[Outcome]:
+) -> list[RequestOutcome]:
     """Sends every request in order; writes ``<out_dir>/<NN>-<name>-<k>.png``; never raises for one request.
 
     UNAVAILABLE is retried for ``unavailable_retry_s`` (the router may still be learning
     about the workers right after start); every other error is recorded in the outcome.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    outcomes: list[Outcome] = []
+    outcomes: list[RequestOutcome] = []
     for index, req in enumerate(requests, 1):
-        outcome = Outcome(index, req)
+        outcome = RequestOutcome(index, req)
         span_cm = tracer.start_as_current_span(f"demo {req.name}") if tracer is not None else nullcontext(None)
         deadline = time.monotonic() + unavailable_retry_s
         with span_cm as span:

@@ -279,28 +279,22 @@ class BoundedCache(Generic[K]):
             return None
         return self.policy.victims(nbytes - self.free, t, self.sizes, protected)
 
-    def insert(self, key: K, nbytes: int, t: float, protected: Container[K] = ()) -> list[K] | None:
-        """Insert a copy, evicting as the policy says; returns the evicted keys, or None (nothing changed) if it cannot fit."""
-        if key in self.sizes:
-            self.policy.on_access(key, t)
-            return []
-        victims = [] if nbytes <= self.capacity - self.used else self.plan_insert(nbytes, t, protected)
-        if victims is None:
-            return None
-        for v in victims:
-            self.remove(v)
-        self.sizes[key] = nbytes
-        self.used += nbytes
-        self.policy.on_insert(key, nbytes, t)
-        return victims
+    def insert(
+        self, key: K, nbytes: int, t: float, protected: Container[K] = (), *, victims: list[K] | None = None
+    ) -> list[K] | None:
+        """Insert a copy, evicting as the policy says; returns the evicted keys, or None (nothing changed) if it cannot fit.
 
-    def insert_planned(self, key: K, nbytes: int, t: float, victims: list[K] | None) -> list[K] | None:
-        """:meth:`insert` with victims already chosen by :meth:`plan_insert` at the same state (no second scan)."""
+        ``victims``, when given, are the keys :meth:`plan_insert` chose at this same state:
+        they are evicted as they are, without a second scan (``protected`` is then not
+        consulted). None lets the policy choose now.
+        """
         if key in self.sizes:
             self.policy.on_access(key, t)
             return []
         if victims is None:
-            return None
+            victims = [] if nbytes <= self.capacity - self.used else self.plan_insert(nbytes, t, protected)
+            if victims is None:
+                return None
         for v in victims:
             self.remove(v)
         self.sizes[key] = nbytes

@@ -20,18 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import IntEnum
 
-
-class Tier(IntEnum):
-    """Where a copy lives, slowest first; values match ``diffmesh.v1.Tier``."""
-
-    UNSPECIFIED = 0
-    REMOTE = 1
-    SSD = 2
-    HOST = 3
-    GPU = 4
-
+from diffmesh.tiers import Tier
 
 TIER_WEIGHTS: Mapping[Tier, int] = {Tier.GPU: 4, Tier.HOST: 2, Tier.SSD: 1}
 """Weight of one byte reachable in each tier; tiers not listed weigh nothing."""

@@ -10,14 +10,13 @@ concurrently, so adapters cost only the slowest of them; otherwise loads add up.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-W = TypeVar("W", bound=Hashable)
+from diffmesh.tiers import FASTEST_FIRST, Tier
 
-TIER_ORDER = ("GPU", "HOST", "SSD", "REMOTE")
-"""Tiers, fastest first."""
+W = TypeVar("W", bound=Hashable)
 
 
 def activation_bytes(images: int, width: int, height: int, bytes_per_image_at_native: int, native_side: int) -> int:
@@ -31,12 +30,15 @@ def fits(free_bytes: int, weight_bytes: int, activations: int) -> bool:
     return weight_bytes + activations <= free_bytes
 
 
-def best_tier_cost(costs: dict[str, float], holding: Iterable[str]) -> tuple[str, float]:
-    """The fastest tier among ``holding`` (REMOTE when none) and its load cost from ``costs``."""
+def best_tier_cost(costs: Mapping[Tier, float], holding: Iterable[Tier]) -> tuple[Tier, float]:
+    """The fastest tier among ``holding`` (REMOTE when none) and its load cost from ``costs``.
+
+    A GPU copy costs nothing; ``costs`` needs entries for HOST, SSD and REMOTE.
+    """
     held = set(holding)
-    for tier in TIER_ORDER:
-        if tier in held or tier == "REMOTE":
-            return tier, 0.0 if tier == "GPU" else costs[tier]
+    for tier in FASTEST_FIRST:
+        if tier in held or tier is Tier.REMOTE:
+            return tier, 0.0 if tier is Tier.GPU else costs[tier]
     raise AssertionError("unreachable")
 
 
@@ -53,8 +55,8 @@ def expected_completion_s(queue_wait_s: float, load_s: float, compute_s: float) 
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """A worker as the router sees it for one request."""
+class WorkerEstimate:
+    """A worker with the estimates the ECT scorer needs for one request."""
 
     worker_id: str
     queue_wait_s: float
@@ -83,7 +85,9 @@ def choose_worker(
     return best
 
 
-def rank_candidates(candidates: Sequence[Candidate], weight_bytes: int, activations: int, compute_s: float) -> list[Candidate]:
+def rank_candidates(
+    candidates: Sequence[WorkerEstimate], weight_bytes: int, activations: int, compute_s: float
+) -> list[WorkerEstimate]:
     """Eligible candidates ordered by ECT (lowest first), ties by worker id."""
     ok = [c for c in candidates if fits(c.free_bytes, weight_bytes, activations)]
     return sorted(ok, key=lambda c: (expected_completion_s(c.queue_wait_s, c.load_s, compute_s), c.worker_id))

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-TIER_SAVING: Mapping[str, float] = {"HOST": 1.0, "SSD": 0.8}
+from diffmesh.tiers import Tier
+
+TIER_SAVING: Mapping[Tier, float] = {Tier.HOST: 1.0, Tier.SSD: 0.8}
 """Share of a component's REMOTE load time that a copy in the tier saves (HOST→GPU is a
 memory copy; SSD→GPU still reads the disk, about 8x faster than the network)."""
 
@@ -26,19 +28,19 @@ class NodeAdvice:
 
 def advise_scaling(
     needed: Mapping[str, float],
-    holdings: Mapping[str, Mapping[str, str]],
+    holdings: Mapping[str, Mapping[str, Tier]],
     load: Mapping[str, float] | None = None,
 ) -> list[NodeAdvice]:
     """Nodes ranked best first for adding a worker.
 
     ``needed`` maps component id → its REMOTE load seconds; ``holdings`` maps node id →
-    {component id → best tier on that node (``HOST``/``SSD``)}; ``load`` is each node's
+    {component id → best tier on that node (:attr:`Tier.HOST` / :attr:`Tier.SSD`)}; ``load`` is each node's
     busy fraction (0 when absent).
     """
     load = load or {}
     advice = []
     for node, held in holdings.items():
-        saved = sum(cost * TIER_SAVING.get(held.get(cid, ""), 0.0) for cid, cost in needed.items())
+        saved = sum(cost * TIER_SAVING.get(held.get(cid, Tier.UNSPECIFIED), 0.0) for cid, cost in needed.items())
         advice.append(NodeAdvice(node, saved, load.get(node, 0.0)))
     advice.sort(key=lambda a: (-a.saved_s, a.load, a.node_id))
     return advice

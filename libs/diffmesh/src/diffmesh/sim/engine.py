@@ -6,8 +6,9 @@ FIFO queue one request at a time: it loads what the pipeline misses on the GPU f
 best tier of its node (HOST, else SSD, else -- with a global view -- a PEER node's copy,
 else REMOTE; copies from PEER or REMOTE also fill the node's SSD and HOST), makes room
 for the activations, then denoises. Node tiers and GPUs are
-:class:`~diffmesh.policy.eviction.BoundedCache` objects driven by the same eviction,
-admission, popularity, replica, fusion, prefetch and routing code the services import.
+:class:`~diffmesh.policy.eviction.BoundedCache` objects driven by the eviction,
+admission, popularity, replica, fusion-planning, prefetch and routing policies of
+:mod:`diffmesh.policy` (which of them the running services call too is listed there).
 
 Per event the work is bounded by the pipeline's components and a few workers: ECT
 routing is an exact branch-and-bound over the workers (see :meth:`Simulator._route_ect`)
@@ -28,7 +29,7 @@ import numpy as np
 
 from diffmesh.policy.admission import ColdAdmission
 from diffmesh.policy.eviction import BoundedCache, EvictionPolicy, LRUEviction, UtilityEviction
-from diffmesh.policy.fusion import overlay_bytes, plan_fusion
+from diffmesh.policy.fusion_plan import overlay_bytes, plan_fusion
 from diffmesh.policy.popularity import Band, DecayedCounter, assign_bands
 from diffmesh.policy.prefetch import BanditPrefetcher, time_bucket
 from diffmesh.policy.replicas import HotPipeline, WorkerSlot, plan_hot_replicas
@@ -140,7 +141,7 @@ def _others_load(sizes: dict[int, int], nc: list[float], needed: tuple[int, ...]
     return out
 
 
-class Prepared:
+class PreparedWorkload:
     """Everything about a workload that does not depend on the system: costs, sizes, compute."""
 
     def __init__(self, workload: Workload, cal: Calibration, cluster: ClusterConfig, compression: float) -> None:
@@ -264,7 +265,7 @@ class _SsdModel(_HostModel):
 class Simulator:
     """One system on one prepared workload."""
 
-    def __init__(self, prep: Prepared, spec: SystemSpec, settings: PolicySettings | None = None, seed: int = 0) -> None:
+    def __init__(self, prep: PreparedWorkload, spec: SystemSpec, settings: PolicySettings | None = None, seed: int = 0) -> None:
         self.prep = prep
         self.spec = spec
         self.settings = settings or PolicySettings()
@@ -457,7 +458,7 @@ class Simulator:
                 score, nbytes, cache.free, None if victims is None else [self.comp_pop.count(v, t) for v in victims]
             ):
                 return False
-            evicted = cache.insert_planned(c, nbytes, t, victims)
+            evicted = cache.insert(c, nbytes, t, victims=victims)
         else:
             evicted = cache.insert(c, nbytes, t)
         if evicted is None:

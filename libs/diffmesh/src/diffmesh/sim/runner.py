@@ -10,7 +10,7 @@ import numpy as np
 
 from diffmesh.sim.calibration import COMPUTE_SHARE, Calibration
 from diffmesh.sim.config import ABLATIONS, SYSTEMS, ClusterConfig, PolicySettings, SystemSpec
-from diffmesh.sim.engine import Prepared, SimResult, Simulator
+from diffmesh.sim.engine import PreparedWorkload, SimResult, Simulator
 from diffmesh.sim.oracle import belady_size_misses
 from diffmesh.trace.model import Workload
 
@@ -36,13 +36,13 @@ def compression_for_load(workload: Workload, mean_compute_s: float, gpus: int, l
     return load * gpus / (rate * mean_compute_s)
 
 
-def prepare(workload: Workload, cal: Calibration, cluster: ClusterConfig, load: float) -> Prepared:
+def prepare(workload: Workload, cal: Calibration, cluster: ClusterConfig, load: float) -> PreparedWorkload:
     """A prepared workload whose time compression gives offered load ``load``."""
-    probe = Prepared(workload, cal, cluster, 1.0)
-    return Prepared(workload, cal, cluster, compression_for_load(workload, probe.mean_compute_s, cluster.gpus, load))
+    probe = PreparedWorkload(workload, cal, cluster, 1.0)
+    return PreparedWorkload(workload, cal, cluster, compression_for_load(workload, probe.mean_compute_s, cluster.gpus, load))
 
 
-def baseline_denoise_share(prep: Prepared, settings: PolicySettings | None = None) -> float:
+def baseline_denoise_share(prep: PreparedWorkload, settings: PolicySettings | None = None) -> float:
     """Fraction of the ``lru`` baseline's mean end-to-end time that is denoising."""
     sim = Simulator(prep, SYSTEMS["lru"], settings)
     lat = sim.run().latency_s
@@ -99,7 +99,7 @@ def calibrate_to_baseline(
     return replace(cal, source=f"{cal.source}; step_s: denoising = {share:.1%} of the lru baseline's mean end-to-end time")
 
 
-def oracle_misses(prep: Prepared) -> int:
+def oracle_misses(prep: PreparedWorkload) -> int:
     """Belady-Size misses over the pooled SSD capacity of the cluster."""
     comps = prep.comps
     accesses = [c for p in prep.req_pipe for c in comps[p]]
@@ -107,7 +107,7 @@ def oracle_misses(prep: Prepared) -> int:
     return belady_size_misses(accesses, prep.nbytes, capacity)
 
 
-def run_system(prep: Prepared, spec: SystemSpec, settings: PolicySettings | None = None, seed: int = 0) -> SimResult:
+def run_system(prep: PreparedWorkload, spec: SystemSpec, settings: PolicySettings | None = None, seed: int = 0) -> SimResult:
     """One system on one prepared workload."""
     return Simulator(prep, spec, settings, seed).run()
 
@@ -134,7 +134,7 @@ class Comparison:
 
 
 def compare(
-    prep: Prepared,
+    prep: PreparedWorkload,
     settings: PolicySettings | None = None,
     seed: int = 0,
     systems: Iterable[str] = SYSTEMS,

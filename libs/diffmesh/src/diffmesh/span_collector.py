@@ -1,8 +1,8 @@
-"""An in-process OTLP/gRPC trace receiver.
+"""An in-process OTLP/gRPC span collector (OpenTelemetry spans; the workload trace is :mod:`diffmesh.trace`).
 
-:class:`TraceCollector` is a real ``opentelemetry.proto.collector.trace.v1.TraceService``
+:class:`SpanCollector` is a real ``opentelemetry.proto.collector.trace.v1.TraceService``
 server: any OpenTelemetry SDK with an OTLP/gRPC exporter pointed at
-:attr:`TraceCollector.endpoint` sends its spans here. The spans are kept in memory
+:attr:`SpanCollector.endpoint` sends its spans here. The spans are kept in memory
 (thread-safe), so that ``diffmesh run`` can compute latency breakdowns from them and the
 end-to-end tests can check that one request is one trace across every service.
 """
@@ -22,7 +22,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from diffmesh.server import GRPC_OPTIONS
+from diffmesh.channels import GRPC_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ class _TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-class TraceCollector(SpanStore):
+class SpanCollector(SpanStore):
     """An OTLP/gRPC trace receiver on ``host:port`` (0 picks a free port) storing spans in memory.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
@@ -189,7 +189,7 @@ class TraceCollector(SpanStore):
             raise RuntimeError("collector not started")
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> TraceCollector:
+    def start(self) -> SpanCollector:
         """Starts serving; returns self."""
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="otlp"), options=GRPC_OPTIONS)
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceServicer(self), server)
@@ -206,7 +206,7 @@ class TraceCollector(SpanStore):
             self._server.stop(grace).wait()
             self._server = None
 
-    def __enter__(self) -> TraceCollector:
+    def __enter__(self) -> SpanCollector:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diffmesh.policy.fusion import overlay_bytes, plan_fusion
+from diffmesh.policy.fusion_plan import overlay_bytes, plan_fusion
 
 
 def test_top_k_pipelines_with_loras_only() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from diffmesh.trace_collector import CollectedSpan, TraceCollector
+from diffmesh.span_collector import CollectedSpan, SpanCollector
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -15,8 +15,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 
 
 @pytest.fixture()
-def collector() -> Iterator[TraceCollector]:
-    with TraceCollector() as c:
+def collector() -> Iterator[SpanCollector]:
+    with SpanCollector() as c:
         yield c
 
 
@@ -27,7 +27,7 @@ def provider(service: str, endpoint: str) -> TracerProvider:
     return p
 
 
-def test_receives_spans_of_two_services_in_one_trace(collector: TraceCollector) -> None:
+def test_receives_spans_of_two_services_in_one_trace(collector: SpanCollector) -> None:
     front, back = provider("front", collector.endpoint), provider("back", collector.endpoint)
     with front.get_tracer("t").start_as_current_span("front.handle") as root:
         root.set_attribute("request", "r1")
@@ -61,7 +61,7 @@ def test_receives_spans_of_two_services_in_one_trace(collector: TraceCollector) 
     back.shutdown()
 
 
-def test_export_result_is_success_and_clear_forgets(collector: TraceCollector) -> None:
+def test_export_result_is_success_and_clear_forgets(collector: SpanCollector) -> None:
     p = TracerProvider(resource=Resource.create({"service.name": "solo"}))
     exporter = OTLPSpanExporter(endpoint=collector.endpoint, insecure=True)
     p.add_span_processor(SimpleSpanProcessor(exporter))
@@ -89,7 +89,7 @@ def _finished_span(tracer: trace.Tracer):  # type: ignore[no-untyped-def]
 
 
 def test_endpoint_requires_start() -> None:
-    c = TraceCollector()
+    c = SpanCollector()
     with pytest.raises(RuntimeError):
         _ = c.endpoint
     c.start()

@@ -1,9 +1,10 @@
-"""Computing a fused overlay from HOST copies (blocking; imports torch, so it is imported lazily).
+"""Writing a fused overlay from HOST copies (blocking; imports torch, so it is imported lazily).
 
 The base UNet and the LoRAs are read as ``torch.frombuffer`` views of their HOST blocks
-(never written); :func:`diffmesh_instance_manager.fusion.fuse` merges, in fp32, only the
-tensors the LoRAs touch, and the overlay is written as a safetensors file whose
-``__metadata__`` names the base and the LoRA set.
+(never written); :func:`diffmesh_instance_manager.lora_merge.fuse` merges, in fp32, only
+the tensors the LoRAs touch, and :func:`write_overlay` writes the overlay atomically as a
+safetensors file whose ``__metadata__`` names the base and the LoRA set
+(:mod:`.overlay_file`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 from diffmesh.errors import FailedPrecondition
 from diffmesh.safetensors_header import SafetensorsHeaderError, torch_dtype
 
-from diffmesh_instance_manager.fusion import LoraInput, fuse, overlay_metadata, save_overlay
 from diffmesh_instance_manager.host import ComponentPlan, PlannedFile
+from diffmesh_instance_manager.lora_merge import LoraInput, fuse
+from diffmesh_instance_manager.overlay_file import overlay_metadata, save_overlay
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 

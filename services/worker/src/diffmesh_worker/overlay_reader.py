@@ -1,4 +1,4 @@
-"""Running a FUSED overlay instead of runtime LoRA adapters.
+"""Reading a FUSED overlay (written by the instance manager's ``Fuse``) and running it instead of runtime LoRAs.
 
 The instance manager's ``Fuse`` stores only the UNet weights the LoRAs change (merged in
 fp32); every other tensor is the base's. :func:`fused_unet` builds a second UNet whose
