@@ -24,10 +24,13 @@ from tests.support.worker import NODE_ID, WORKER_ID, WorkerMesh
 @pytest.fixture(scope="module")
 def im_mesh(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImMesh]:
     """A coordinator with test artifacts registered: good ones, bad ones (each checked by the
-    instance manager in its own way) and two ~1 MiB LoRAs for capacity tests."""
+    instance manager in its own way) and two ~1 MiB LoRAs for capacity tests. Its plans admit every
+    copy into HOST (``cold_min_uses=0``): these tests are about loading and eviction; COLD admission
+    has its own (test_instance_manager_plan.py)."""
     root = tmp_path_factory.mktemp("im-artifacts")
     outside = tmp_path_factory.mktemp("im-outside")
-    coordinator = ServerThread(CoordinatorApp(CoordinatorSettings(redis_url=redis_url, namespace=f"imt{uuid.uuid4().hex[:8]}:")))
+    namespace = f"imt{uuid.uuid4().hex[:8]}:"
+    coordinator = ServerThread(CoordinatorApp(CoordinatorSettings(redis_url=redis_url, namespace=namespace, cold_min_uses=0)))
     channel = grpc.insecure_channel(coordinator.address)
     stub = coordinator_pb2_grpc.CacheCoordinatorServiceStub(channel)
     paths: dict[str, Path] = {}

@@ -486,7 +486,8 @@ def test_record_requests_appends_to_the_stream_and_counts(stub: Stub, server: Se
 
 
 def test_component_popularity_ranks_recorded_requests(redis_url: str) -> None:
-    thread = ServerThread(CoordinatorApp(_settings(redis_url)))
+    # Counts decay with time: a frozen clock keeps them exact (decay itself: test_coordinator_policy.py).
+    thread = ServerThread(CoordinatorApp(_settings(redis_url), clock=lambda: 1.7e9))
     channel = grpc.insecure_channel(thread.address)
     try:
         stub = coordinator_pb2_grpc.CacheCoordinatorServiceStub(channel)

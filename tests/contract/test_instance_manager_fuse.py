@@ -14,9 +14,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from diffmesh.pipeline_key import canonical_key
+from diffmesh.pipeline_key import canonical_key, fused_id
 from diffmesh.server import ServerThread
-from diffmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, instance_manager_pb2
+from diffmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, instance_manager_pb2, plan_pb2
 from diffmesh_coordinator.app import CoordinatorApp
 from diffmesh_coordinator.settings import CoordinatorSettings
 from diffmesh_instance_manager.lora_merge import fuse
@@ -25,7 +25,8 @@ from diffmesh_instance_manager.pool import list_pools
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.support.im import Im, ImMesh, component_state, im_stats, rpc_error, start_im
+from tests.support.im import Im, ImMesh, apply_plan, component_state, host_resident, im_stats, rpc_error, start_im
+from tests.support.waiting import wait_for
 
 MIB = 1024 * 1024
 BASE_ID = "sd15-tiny-a"
@@ -211,7 +212,8 @@ def test_the_overlay_is_an_ssd_copy_bounded_like_any_other(im: Im) -> None:
 
 def test_another_node_derives_a_registered_overlay_again(im: Im, demo_mesh: ImMesh, tmp_path: Path) -> None:
     first = _fuse(im, [("lora-ink", 0.4), ("lora-sketch", 0.9)])
-    other, channel = start_im(demo_mesh, tmp_path / "other-ssd", host_capacity_bytes=64 * MIB)
+    # Without peer copies: the overlay's tier below SSD is the computation (with them it comes from `im`, see below).
+    other, channel = start_im(demo_mesh, tmp_path / "other-ssd", host_capacity_bytes=64 * MIB, peer_fetch=False)
     try:
         acq = other.stub.Acquire(
             instance_manager_pb2.AcquireRequest(component_ids=[first.component.id], holder="w-other"), timeout=120
@@ -225,6 +227,54 @@ def test_another_node_derives_a_registered_overlay_again(im: Im, demo_mesh: ImMe
     finally:
         channel.close()
         other.thread.stop()
+
+
+def test_another_node_takes_an_overlay_from_its_peer(im: Im, demo_mesh: ImMesh, tmp_path: Path) -> None:
+    first = _fuse(im, [("lora-neon", 0.5), ("lora-watercolor", 0.7)])
+    fid = first.component.id
+    wait_for(lambda: _on_ssd_of(demo_mesh, fid, im.node_id), "the overlay on the first node's SSD in the view")
+    other, channel = start_im(demo_mesh, tmp_path / "other-ssd", host_capacity_bytes=64 * MIB)
+    try:
+        acq = other.stub.Acquire(instance_manager_pb2.AcquireRequest(component_ids=[fid], holder="w-peer"), timeout=120)
+        handle = acq.handles[0]
+        assert handle.source_tier == common_pb2.TIER_SSD  # a peer's copy: SSD-resident here, not derived again
+        assert _overlay_bytes(handle) == _overlay_bytes(first.handle)
+        stats = im_stats(other)
+        assert stats.peer_fetches == 1 and stats.peer_bytes == first.component.bytes
+        assert other.app.store.ssd_entries[fid].sha256 == first.component.sha256  # checked against the record
+        other.stub.Release(instance_manager_pb2.ReleaseRequest(lease_id=acq.lease_id))
+    finally:
+        channel.close()
+        other.thread.stop()
+
+
+def _on_ssd_of(demo_mesh: ImMesh, cid: str, node_id: str) -> bool:
+    resp = demo_mesh.stub.Locate(coordinator_pb2.LocateRequest(component_ids=[cid]))
+    return any(r.node_id == node_id and r.tier == common_pb2.TIER_SSD for loc in resp.locations for r in loc.residencies)
+
+
+def test_a_plan_has_its_hot_pipelines_fused_once(im: Im, demo_mesh: ImMesh) -> None:
+    loras = [("lora-pixel", 0.3), ("lora-sketch", 0.6)]
+    key = canonical_key(BASE_ID, loras)
+    fid = fused_id(BASE_ID, loras)
+    before = im_stats(im).fusions_done
+
+    def plan(version: int) -> plan_pb2.Plan:
+        spec = common_pb2.PipelineSpec(base_id=BASE_ID, loras=[common_pb2.LoraRef(id=i, scale=s) for i, s in loras])
+        return plan_pb2.Plan(
+            version=version,
+            hot=[plan_pb2.HotPipelinePlan(pipeline_key=key, pipeline=spec, fused_id=fid)],
+            nodes=[plan_pb2.NodeDirective(node_id=im.node_id, fuse_pipeline_keys=[key])],
+        )
+
+    assert apply_plan(im, plan(1 << 40))
+    wait_for(lambda: host_resident(im, fid) and im_stats(im).fusions_done == before + 1, "the plan's overlay fused")
+    rec = demo_mesh.stub.GetComponent(coordinator_pb2.GetComponentRequest(id=fid)).component
+    assert rec.kind == common_pb2.COMPONENT_KIND_FUSED and rec.base_id == BASE_ID
+    assert json.loads(rec.labels["diffmesh.loras"]) == [{"id": i, "scale": s} for i, s in loras]
+    # The next plan names the same fusion: already HOST-resident, nothing is done again.
+    assert apply_plan(im, plan((1 << 40) + 1))
+    assert im_stats(im).fusions_done == before + 1
 
 
 def _register_fused(demo_mesh: ImMesh, cid: str, sha256: str, labels: dict[str, str]) -> None:

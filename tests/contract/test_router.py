@@ -19,6 +19,7 @@ import grpc
 import pytest
 import redis
 from diffmesh.server import ServerThread
+from diffmesh.tiers import Tier
 from diffmesh.v1 import (
     common_pb2,
     coordinator_pb2,
@@ -609,11 +610,11 @@ def test_unreachable_worker_is_retried_on_the_next_candidate(live: RouterMesh, c
     try:
         residencies = live.stub.GetModel(router_pb2.GetModelRequest(id=base), timeout=10).residencies
         assert "a-dead" in {r.worker_id for r in residencies}
-        # The router's worker list is reused for 0.2 s; wait until a refresh lists the dead worker.
-        directory = live.router_app.state.directory
+        # The router places from its replica of the view: wait until it lists the dead worker and its claim.
+        view = live.router_app.state.view
         wait_for(
-            lambda: "a-dead" in {w.worker_id for w in live.router.call(directory.workers())},  # type: ignore[attr-defined]
-            "the router to see the dead worker",
+            lambda: (NODE, "a-dead") in view.workers and (NODE, "a-dead", Tier.GPU) in view.copies(base),
+            "the router's view to show the dead worker holding the base",
         )
         request = _gen_request()
         request.pipeline.base_id = base

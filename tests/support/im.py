@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 from diffmesh.artifacts import artifact_bytes, artifact_sha256
 from diffmesh.server import ServerThread
-from diffmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, instance_manager_pb2, instance_manager_pb2_grpc
+from diffmesh.v1 import (
+    common_pb2,
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    instance_manager_pb2,
+    instance_manager_pb2_grpc,
+    plan_pb2,
+)
 from safetensors.numpy import load_file, save_file
 
 if TYPE_CHECKING:
@@ -179,3 +186,15 @@ def assert_refused_publishing_nothing(im: Im, cid: str, code: grpc.StatusCode, n
     assert err.code() == code, err.details()
     assert needle in (err.details() or "")
     assert_nothing_published(im, cid)
+
+
+def apply_plan(im: Im, plan: plan_pb2.Plan) -> bool:
+    """Hands ``plan`` to the instance manager's plan executor (on its event loop, as its PlanFollower does);
+    returns whether it was applied."""
+    return bool(im.thread.call(im.app.executor.apply(plan)))
+
+
+def host_resident(im: Im, cid: str) -> bool:
+    """Whether ``cid`` is in ``im``'s HOST tier (per ``Stats``)."""
+    state = component_state(im_stats(im), cid)
+    return state is not None and state.tier == common_pb2.TIER_HOST

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from diffmesh.errors import NotFound
 from diffmesh.v1 import common_pb2
-from diffmesh_instance_manager.eviction import EvictableCopy, Popularity, UtilityPolicy
+from diffmesh_instance_manager.eviction import EvictableCopy, LruChooser, Popularity, UtilityPolicy
 from diffmesh_instance_manager.leases import LeaseTable
 
 LORA = common_pb2.COMPONENT_KIND_LORA
@@ -65,3 +65,12 @@ def test_leases_expire_for_silent_holders_only() -> None:
     ended, freed = table.expire(now=19.0)
     assert ended == [live.lease_id] and freed == ["a", "b"]
     assert LeaseTable(ttl_s=0).expire(now=1e9) == ([], [])
+
+
+def test_lru_chooser_evicts_the_least_recently_used_whatever_the_kind() -> None:
+    cands = [EvictableCopy("old-base", 10, 1.0, BASE), EvictableCopy("new", 10, 5.0, LORA), EvictableCopy("pin", 10, 0.0, LORA)]
+    chooser = LruChooser({"pin"})
+    assert chooser.choose(cands, 5, 9.0) == ["old-base"]  # the utility policy would keep a base (double weight)
+    assert chooser.choose(cands, 15, 9.0) == ["old-base", "new"]
+    assert chooser.choose(cands, 25, 9.0) == []  # not without the pinned copy: nothing is evicted
+    assert chooser.order(cands, 9.0) == ["old-base", "new"]

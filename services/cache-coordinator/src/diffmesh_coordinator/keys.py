@@ -75,10 +75,40 @@ class KeyLayout:
 
     @property
     def component_popularity(self) -> str:
-        """ZSET component id → number of recorded requests that used it."""
+        """ZSET component id → forward-decayed count of recorded requests that used it (scaled, see ``popularity_ref``)."""
         return f"{self.ns}pop:components"
 
     @property
     def pipeline_popularity(self) -> str:
-        """ZSET canonical pipeline key → number of recorded requests."""
+        """ZSET canonical pipeline key → forward-decayed count of recorded requests (scaled)."""
         return f"{self.ns}pop:pipelines"
+
+    @property
+    def popularity_ref(self) -> str:
+        """STRING: reference time (Unix seconds) the popularity scores are scaled against."""
+        return f"{self.ns}pop:ref"
+
+    @property
+    def pipeline_components(self) -> str:
+        """HASH canonical pipeline key → comma-joined component ids (base first), from the records."""
+        return f"{self.ns}pop:pipeline-components"
+
+    @property
+    def view(self) -> str:
+        """STREAM of view changes (residency, loads, plans, live set) that WatchView follows."""
+        return f"{self.ns}view"
+
+    @property
+    def loads(self) -> str:
+        """HASH ``node/worker`` → base64 WorkerLoad: each worker's last reported load."""
+        return f"{self.ns}loads"
+
+    @property
+    def plan(self) -> str:
+        """STRING base64 Plan: the current plan."""
+        return f"{self.ns}plan"
+
+    @property
+    def plan_lock(self) -> str:
+        """STRING with a TTL: id of the coordinator replica that plans (the planner lock)."""
+        return f"{self.ns}plan-lock"

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import AsyncIterator
 
 from diffmesh.catalog import check_id, kind_name, validate_component
 from diffmesh.errors import InvalidArgument, NotFound
 from diffmesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from grpc import aio
 
+from diffmesh_coordinator import view_events
 from diffmesh_coordinator.store import CoordinatorStore
+from diffmesh_coordinator.view_watch import ViewWatch
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +59,9 @@ def _required_id(field: str, value: str) -> str:
 class CoordinatorServicer(coordinator_pb2_grpc.CacheCoordinatorServiceServicer):
     """CacheCoordinatorService on a :class:`CoordinatorStore`."""
 
-    def __init__(self, store: CoordinatorStore) -> None:
+    def __init__(self, store: CoordinatorStore, watch: ViewWatch | None = None) -> None:
         self.store = store
+        self.watch = watch or ViewWatch(store)
 
     async def RegisterComponent(
         self, request: coordinator_pb2.RegisterComponentRequest, context: aio.ServicerContext
@@ -199,3 +203,38 @@ class CoordinatorServicer(coordinator_pb2_grpc.CacheCoordinatorServiceServicer):
         return coordinator_pb2.GetComponentPopularityResponse(
             components=[coordinator_pb2.ComponentPopularity(component_id=cid, requests=n) for cid, n in counts]
         )
+
+    async def GetPlan(
+        self, request: coordinator_pb2.GetPlanRequest, context: aio.ServicerContext
+    ) -> coordinator_pb2.GetPlanResponse:
+        if request.known_version < 0:
+            raise InvalidArgument("known_version", f"must be >= 0, got {request.known_version}")
+        plan = await self.store.get_plan()
+        if request.known_version and plan.version == request.known_version:
+            plan = type(plan)(version=plan.version)
+        return coordinator_pb2.GetPlanResponse(plan=plan)
+
+    async def WatchView(
+        self, request: coordinator_pb2.WatchViewRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[coordinator_pb2.WatchViewResponse]:
+        if request.after_event_id:
+            try:
+                view_events.parse_id(request.after_event_id)
+            except ValueError as exc:
+                raise InvalidArgument("after_event_id", str(exc)) from None
+        async for event in self.watch.events(request.after_event_id, request.plans_only):
+            yield coordinator_pb2.WatchViewResponse(event=event)
+
+    async def ReportLoad(
+        self, request: coordinator_pb2.ReportLoadRequest, context: aio.ServicerContext
+    ) -> coordinator_pb2.ReportLoadResponse:
+        if not request.HasField("load"):
+            raise InvalidArgument("load", "is required")
+        load = request.load
+        _required_id("load.worker.node_id", load.worker.node_id)
+        _required_id("load.worker.worker_id", load.worker.worker_id)
+        for name in ("queue_length", "running", "device_memory_free_bytes", "device_memory_total_bytes", "max_queue"):
+            check_non_negative(f"load.{name}", getattr(load, name))
+        check_non_negative("load.measured_unix", load.measured_unix)
+        await self.store.report_load(load)
+        return coordinator_pb2.ReportLoadResponse(recorded=True)

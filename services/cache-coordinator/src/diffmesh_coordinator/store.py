@@ -1,4 +1,4 @@
-"""The coordinator's state in Redis: catalog, leases, residency, request records.
+"""The coordinator's state in Redis: catalog, leases, residency, request records, loads, the view stream.
 
 Inputs are validated by the servicer; this module owns the Redis layout
 (:class:`~diffmesh_coordinator.keys.KeyLayout`) and keeps it consistent:
@@ -9,7 +9,11 @@ Inputs are validated by the servicer; this module owns the Redis layout
   invisible at once (Locate checks liveness) and it is purged by :meth:`sweep` or when the
   holder registers again;
 * residency writes run in WATCH/MULTI transactions on the reporter's lease, so a report
-  never lands on a lease that expired or was renewed by a re-registration mid-way.
+  never lands on a lease that expired or was renewed by a re-registration mid-way;
+* every change of the global view is appended to the view stream (``{ns}view``, see
+  :mod:`~diffmesh_coordinator.view_events`): residency and load changes in the same
+  transaction as the change itself, live-set changes right after the registration or
+  purge that caused them.
 """
 
 from __future__ import annotations
@@ -19,18 +23,19 @@ import binascii
 import json
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from diffmesh.catalog import ID_RE, component_from_dict, component_to_dict
 from diffmesh.errors import AlreadyExists, InvalidArgument, NotFound
-from diffmesh.v1 import common_pb2, coordinator_pb2
+from diffmesh.v1 import common_pb2, coordinator_pb2, plan_pb2
 from google.protobuf import json_format
 
+from diffmesh_coordinator import view_events
 from diffmesh_coordinator.keys import KeyLayout, reporter_of, split_reporter
-from diffmesh_coordinator.popularity import PlainCounts, PopularityCounter
+from diffmesh_coordinator.popularity import DecayedPopularity, PopularityCounter
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,28 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   return {1, ARGV[2]}
 end
 return {0, redis.call('HGET', KEYS[1], ARGV[1])}
+"""
+
+# KEYS: lock key; ARGV: holder token, TTL in ms. Takes a free lock or renews our own; 1 when held.
+_HOLD_LOCK_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: lock key; ARGV: holder token. Releases the lock only when we hold it.
+_RELEASE_LOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """
 
 _LIST_BATCH = 256
@@ -109,13 +136,20 @@ class CoordinatorStore:
         lease_seconds: float,
         request_stream_maxlen: int = 100_000,
         popularity: PopularityCounter | None = None,
+        view_stream_maxlen: int = 100_000,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = client
         self.keys = keys
         self.lease_seconds = lease_seconds
         self.request_stream_maxlen = request_stream_maxlen
-        self.popularity: PopularityCounter = popularity or PlainCounts()
+        self.view_stream_maxlen = view_stream_maxlen
+        self.clock = clock
+        """Wall clock of popularity accounting (tests inject one to move time without sleeping)."""
+        self.popularity: PopularityCounter = popularity or DecayedPopularity(clock=clock)
         self._register = client.register_script(_REGISTER_LUA)
+        self._hold_lock = client.register_script(_HOLD_LOCK_LUA)
+        self._release_lock = client.register_script(_RELEASE_LOCK_LUA)
 
     @property
     def lease_ms(self) -> int:
@@ -209,6 +243,7 @@ class CoordinatorStore:
         lease_key = self.keys.node(node.node_id)
         fresh = await self._take_lease(lease_key, reporter_of(node.node_id, ""), _to_json(info))
         await _r(self.redis.sadd(self.keys.nodes, node.node_id))
+        await self.publish_live_set()
         return fresh
 
     async def register_worker(self, worker: coordinator_pb2.WorkerInfo) -> bool:
@@ -216,6 +251,7 @@ class CoordinatorStore:
         lease_key = self.keys.worker(worker.node_id, worker.worker_id)
         fresh = await self._take_lease(lease_key, reporter_of(worker.node_id, worker.worker_id), _to_json(worker))
         await _r(self.redis.sadd(self.keys.node_workers(worker.node_id), worker.worker_id))
+        await self.publish_live_set()
         return fresh
 
     async def _take_lease(self, lease_key: str, reporter: str, value: str) -> bool:
@@ -276,7 +312,7 @@ class CoordinatorStore:
                 raise NotFound("node", node_id)
             stale = await pipe.hkeys(res_key) if full_snapshot else []
             pipe.multi()
-            self._queue_drop(pipe, reporter, stale)
+            self._queue_drop(pipe, reporter, stale, publish=False)  # the full snapshot's own event says it
             for u in updates:
                 tier = common_pb2.Tier.Name(u.tier)
                 res_field, loc_field = f"{u.component_id}|{tier}", f"{reporter}|{tier}"
@@ -288,17 +324,38 @@ class CoordinatorStore:
                     pipe.hdel(res_key, res_field)
                     pipe.hdel(self.keys.location(u.component_id), loc_field)
             pipe.sadd(self.keys.reporters, reporter)
+            if updates or full_snapshot:
+                self.queue_event(pipe, view_events.residency_event(node_id, worker_id, updates, full_snapshot))
 
         await self.redis.transaction(tx, lease_key, res_key)
         return len(updates)
 
-    def _queue_drop(self, pipe: Any, reporter: str, res_fields: Sequence[str]) -> None:
-        """Queues removal of every residency of ``reporter`` (its ``res`` fields and their ``loc`` mirrors)."""
+    def _queue_drop(self, pipe: Any, reporter: str, res_fields: Sequence[str], publish: bool = True) -> None:
+        """Queues removal of every residency of ``reporter`` (its ``res`` fields and their ``loc`` mirrors).
+
+        When it held anything (and ``publish``), the view stream gets an empty full snapshot of the reporter.
+        """
         for res_field in res_fields:
             component_id, _, tier = res_field.rpartition("|")
             pipe.hdel(self.keys.location(component_id), f"{reporter}|{tier}")
         if res_fields:
             pipe.delete(self.keys.residency(reporter))
+        if res_fields and publish:
+            node_id, worker_id = split_reporter(reporter)
+            self.queue_event(pipe, view_events.residency_event(node_id, worker_id, (), True))
+
+    def queue_event(self, pipe: Any, event: plan_pb2.ViewEvent) -> None:
+        """Queues the append of ``event`` to the view stream (capped with ``MAXLEN ~``) on ``pipe``."""
+        pipe.xadd(
+            self.keys.view, view_events.entry_fields(event), maxlen=self.view_stream_maxlen, approximate=True  # type: ignore[arg-type]
+        )
+
+    async def publish_live_set(self) -> None:
+        """Appends the current live set to the view stream."""
+        event = plan_pb2.ViewEvent(live=view_events.live_set(await self.list_nodes()))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self.queue_event(pipe, event)
+            await pipe.execute()
 
     async def locate(self, component_ids: Sequence[str]) -> list[coordinator_pb2.ComponentLocation]:
         """Copies of each component on live nodes (and live workers for GPU copies), in request order.
@@ -361,8 +418,11 @@ class CoordinatorStore:
         for node_id in sorted(await _r(self.redis.smembers(self.keys.nodes))):
             workers_key = self.keys.node_workers(node_id)
             for worker_id in sorted(await _r(self.redis.smembers(workers_key))):
-                purged += await self._srem_if_dead(self.keys.worker(node_id, worker_id), workers_key, worker_id)
+                lease_key = self.keys.worker(node_id, worker_id)
+                purged += await self._srem_if_dead(lease_key, workers_key, worker_id, reporter_of(node_id, worker_id))
             purged += await self._srem_if_dead(self.keys.node(node_id), self.keys.nodes, node_id)
+        if purged:
+            await self.publish_live_set()
         return purged
 
     async def _purge_if_dead(self, lease_key: str, reporter: str) -> int:
@@ -382,7 +442,7 @@ class CoordinatorStore:
         await self.redis.transaction(tx, lease_key, res_key)
         return done
 
-    async def _srem_if_dead(self, lease_key: str, set_key: str, member: str) -> int:
+    async def _srem_if_dead(self, lease_key: str, set_key: str, member: str, load_field: str = "") -> int:
         done = 0
 
         async def tx(pipe: Any) -> None:
@@ -391,6 +451,8 @@ class CoordinatorStore:
                 return
             pipe.multi()
             pipe.srem(set_key, member)
+            if load_field:
+                pipe.hdel(self.keys.loads, load_field)
             done = 1
 
         await self.redis.transaction(tx, lease_key)
@@ -402,8 +464,11 @@ class CoordinatorStore:
         """Appends validated records to the capped request stream and bumps popularity counts."""
         if not records:
             return 0
-        now = time.time()
-        async with self.redis.pipeline(transaction=True) as pipe:
+        now = self.clock()
+
+        async def tx(pipe: Any) -> None:
+            prepared = await self.popularity.prepare(pipe, self.keys, now)
+            pipe.multi()
             for r in records:
                 pipe.xadd(
                     self.keys.requests,
@@ -419,13 +484,152 @@ class CoordinatorStore:
                     maxlen=self.request_stream_maxlen,
                     approximate=True,
                 )
-            self.popularity.queue_updates(pipe, self.keys, records)
-            await pipe.execute()
+            self.popularity.queue_updates(pipe, self.keys, records, prepared)
+
+        await self.redis.transaction(tx, *self.popularity.watched_keys(self.keys))
         return len(records)
 
     async def component_popularity(self, limit: int) -> list[tuple[str, float]]:
-        """The ``limit`` most requested components with their counts, most requested first (ties by id)."""
-        return await self.popularity.component_counts(self.redis, self.keys, limit)
+        """The ``limit`` most requested components with their decayed counts now, most requested first (ties by id)."""
+        return await self.popularity.component_counts(self.redis, self.keys, limit, self.clock())
+
+    # ---------------------------------------------------------------- loads and plans
+
+    async def report_load(self, load: plan_pb2.WorkerLoad) -> None:
+        """Stores a worker's load and appends it to the view stream; NOT_FOUND when its lease is not live."""
+        node_id, worker_id = load.worker.node_id, load.worker.worker_id
+        lease_key = self.keys.worker(node_id, worker_id)
+
+        async def tx(pipe: Any) -> None:
+            if not await pipe.exists(lease_key):
+                raise NotFound("worker", f"{node_id}/{worker_id}")
+            pipe.multi()
+            pipe.hset(self.keys.loads, reporter_of(node_id, worker_id), view_events.encode(load))
+            self.queue_event(pipe, plan_pb2.ViewEvent(load=load))
+
+        await self.redis.transaction(tx, lease_key)
+
+    async def loads(self) -> dict[tuple[str, str], plan_pb2.WorkerLoad]:
+        """Every stored load by ``(node_id, worker_id)`` (lapsed workers' too, until the sweeper drops them)."""
+        raw = await _r(self.redis.hgetall(self.keys.loads))
+        out: dict[tuple[str, str], plan_pb2.WorkerLoad] = {}
+        for field, value in raw.items():
+            out[split_reporter(field)] = view_events.decode(value, plan_pb2.WorkerLoad())
+        return out
+
+    async def get_plan(self) -> plan_pb2.Plan:
+        """The current plan (version 0 when there is none yet)."""
+        raw = await _r(self.redis.get(self.keys.plan))
+        return plan_pb2.Plan() if raw is None else view_events.decode(raw, plan_pb2.Plan())
+
+    async def hold_plan_lock(self, token: str, ttl_ms: int) -> bool:
+        """Takes the planner lock for ``token``, or renews it when ``token`` holds it; True when held."""
+        return bool(await self._hold_lock(keys=[self.keys.plan_lock], args=[token, ttl_ms]))
+
+    async def release_plan_lock(self, token: str) -> None:
+        """Releases the planner lock if ``token`` holds it."""
+        await self._release_lock(keys=[self.keys.plan_lock], args=[token])
+
+    async def publish_plan(self, plan: plan_pb2.Plan, expected_version: int, token: str) -> bool:
+        """Stores ``plan`` and appends it to the view stream, if ``token`` still holds the planner lock and the
+        stored plan still has ``expected_version``; returns whether it did."""
+        published = False
+
+        async def tx(pipe: Any) -> None:
+            nonlocal published
+            published = False
+            if await pipe.get(self.keys.plan_lock) != token:
+                return
+            raw = await pipe.get(self.keys.plan)
+            current = 0 if raw is None else view_events.decode(raw, plan_pb2.Plan()).version
+            if current != expected_version:
+                return
+            pipe.multi()
+            pipe.set(self.keys.plan, view_events.encode(plan))
+            self.queue_event(pipe, plan_pb2.ViewEvent(plan=plan))
+            published = True
+
+        await self.redis.transaction(tx, self.keys.plan_lock, self.keys.plan)
+        return published
+
+    async def catalog_sizes(self, component_ids: Sequence[str]) -> dict[str, int]:
+        """Catalog bytes of those of ``component_ids`` that are in the catalog."""
+        ids = list(dict.fromkeys(component_ids))
+        if not ids:
+            return {}
+        raws = await _r(self.redis.hmget(self.keys.catalog, ids))
+        return {cid: decode_record(raw).bytes for cid, raw in zip(ids, raws, strict=True) if raw is not None}
+
+    async def holdings(self, node_ids: Sequence[str]) -> dict[str, dict[str, tuple[int, int, float]]]:
+        """Per node, what its instance manager reported: component id → ``(tier, bytes, last_used_unix)``.
+
+        A component in both SSD and HOST is listed with HOST (the faster copy).
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for n in node_ids:
+                pipe.hgetall(self.keys.residency(reporter_of(n, "")))
+            entries: list[dict[str, str]] = await pipe.execute()
+        out: dict[str, dict[str, tuple[int, int, float]]] = {}
+        for n, entry in zip(node_ids, entries, strict=True):
+            held: dict[str, tuple[int, int, float]] = {}
+            for field, raw in entry.items():
+                cid, _, tier_name = field.rpartition("|")
+                tier = common_pb2.Tier.Value(tier_name)
+                size, last_used = _parse_residency_value(raw)
+                if cid not in held or tier > held[cid][0]:
+                    held[cid] = (tier, size, last_used)
+            out[n] = held
+        return out
+
+    # ---------------------------------------------------------------- the view
+
+    async def stream_info(self) -> dict[str, Any] | None:
+        """``XINFO STREAM`` of the view stream; None when it does not exist."""
+        try:
+            return cast(dict[str, Any], await self.redis.xinfo_stream(self.keys.view))
+        except aioredis.ResponseError:
+            return None
+
+    async def snapshot(self, plans_only: bool) -> plan_pb2.ViewEvent:
+        """A snapshot event of the whole view (only its plan with ``plans_only``).
+
+        Its ``event_id`` is the stream's last id read *before* the state, so following the
+        stream after it can only repeat changes the snapshot already shows; residency,
+        load and live-set events are idempotent, so a repeat is harmless.
+        """
+        info = await self.stream_info()
+        event_id = str(info.get("last-generated-id") or view_events.START_ID) if info else view_events.START_ID
+        snap = plan_pb2.ViewSnapshot(plan=await self.get_plan())
+        if not plans_only:
+            nodes = await self.list_nodes()
+            snap.live.CopyFrom(view_events.live_set(nodes))
+            live_workers = {(n.node_id, w.worker_id) for n in nodes for w in n.workers}
+            reporters = sorted(await _r(self.redis.smembers(self.keys.reporters)))
+            live = sorted(await self._live_reporters(reporters))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for reporter in live:
+                    pipe.hgetall(self.keys.residency(reporter))
+                entries: list[dict[str, str]] = await pipe.execute()
+            for reporter, entry in zip(live, entries, strict=True):
+                node_id, worker_id = split_reporter(reporter)
+                change = snap.residency.add(node_id=node_id, worker_id=worker_id, full_snapshot=True)
+                for field, raw in sorted(entry.items()):
+                    cid, _, tier = field.rpartition("|")
+                    size, last_used = _parse_residency_value(raw)
+                    tier_value = common_pb2.Tier.Value(tier)
+                    change.copies.add(component_id=cid, tier=tier_value, present=True, bytes=size, last_used_unix=last_used)
+            for key, load in sorted((await self.loads()).items()):
+                if key in live_workers:
+                    snap.loads.append(load)
+        return plan_pb2.ViewEvent(event_id=event_id, snapshot=snap)
+
+    async def read_events(self, after_id: str, count: int, block_ms: int | None) -> list[tuple[str, dict[str, str]]]:
+        """Up to ``count`` stream entries after ``after_id``, waiting at most ``block_ms`` for the first (None: no wait)."""
+        rows: Any = await self.redis.xread({self.keys.view: after_id}, count=count, block=block_ms)
+        if not rows:
+            return []
+        entries = rows[self.keys.view][0] if isinstance(rows, dict) else rows[0][1]
+        return [(str(entry_id), dict(fields)) for entry_id, fields in entries]
 
 
 def _to_json(message: Any) -> str:

@@ -6,18 +6,24 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from diffmesh.errors import InvalidArgument
+from diffmesh.plan_follower import PlanFollower
+from diffmesh.policy_mode import PolicyMode, policy_mode
 from diffmesh.tiers import Tier
 from diffmesh.v1 import common_pb2, coordinator_pb2, instance_manager_pb2, instance_manager_pb2_grpc
 from grpc import aio
 
+from diffmesh_instance_manager.artifact_stream import artifact_chunks
 from diffmesh_instance_manager.direct_io import DirectLoader
 from diffmesh_instance_manager.fetchers import remote_fetcher
 from diffmesh_instance_manager.host import SegmentAllocator, remove_stale_segments
 from diffmesh_instance_manager.node_lock import NodeLock
 from diffmesh_instance_manager.overlay_fuser import OverlayFuser
+from diffmesh_instance_manager.peer_fetch import PeerCopies
+from diffmesh_instance_manager.plan_executor import PlanExecutor
 from diffmesh_instance_manager.pool import HostPool, remove_stale_pools
 from diffmesh_instance_manager.remote_access import RemoteAccess
 from diffmesh_instance_manager.reporter import CatalogClient, CoordinatorReporter, open_coordinator
@@ -69,6 +75,14 @@ class InstanceManagerServicer(instance_manager_pb2_grpc.InstanceManagerServiceSe
         rec, handle, lease_id, created = await self.app.fuser.fuse(request.base_id, loras, request.fused_id, request.holder)
         return instance_manager_pb2.FuseResponse(component=rec, handle=handle, lease_id=lease_id, created=created)
 
+    async def ReadArtifact(
+        self, request: instance_manager_pb2.ReadArtifactRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[instance_manager_pb2.ReadArtifactResponse]:
+        if not request.component_id:
+            raise InvalidArgument("component_id", "required")
+        async for chunk in artifact_chunks(self.app.store.ssd, request.component_id):
+            yield chunk
+
 
 def _target_tier(value: int) -> Tier:
     """The wire ``target_tier`` as a :class:`Tier` (INVALID_ARGUMENT for a value the enum does not have)."""
@@ -79,12 +93,17 @@ def _target_tier(value: int) -> Tier:
 
 
 class InstanceManagerApp:
-    """One node's instance manager: SSD cache, shared-memory HOST tier, coordinator reporting."""
+    """One node's instance manager: SSD cache, shared-memory HOST tier, coordinator reporting, the plan.
+
+    The policy mode (``DIFFMESH_POLICY``) is read once, here: under ``lru`` the tiers evict
+    least recently used, no plan is followed and no peer copies are fetched.
+    """
 
     name = "instance-manager"
 
     def __init__(self, settings: InstanceManagerSettings) -> None:
         self.settings = settings
+        self.mode = policy_mode()
         self.allocator = SegmentAllocator(settings.node_id)
         self.pool: HostPool | None = None
         self._channel: aio.Channel | None = None
@@ -92,9 +111,14 @@ class InstanceManagerApp:
         self.reporter: CoordinatorReporter | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._node_lock: NodeLock | None = None
+        self.follower: PlanFollower | None = None
+        self.peer_copies: PeerCopies | None = None
         self.store: ComponentStore = self._build_store()
         self.fuser = OverlayFuser(self.store, register=self._register if settings.coordinator else None)
         self.store.deriver = self.fuser
+        self.executor = PlanExecutor(
+            self.store, self.fuser, settings.node_id, settings.pinned_components, lru=self.mode is PolicyMode.LRU
+        )
 
     def _build_store(self) -> ComponentStore:
         s = self.settings
@@ -110,6 +134,7 @@ class InstanceManagerApp:
             retry_after_s=s.retry_after_seconds,
             pinned=set(s.pinned_components),
             lease_ttl_s=s.lease_ttl_seconds,
+            lru=self.mode is PolicyMode.LRU,
         )
 
     async def _lookup(self, component_id: str) -> common_pb2.Component:
@@ -232,9 +257,20 @@ class InstanceManagerApp:
         self.reporter = CoordinatorReporter(stub, node, self.store.snapshot)
         self.store.listeners.append(self.reporter.changed)
         self.reporter.start()
+        if self.mode is PolicyMode.LRU:
+            log.info("DIFFMESH_POLICY=lru: LRU eviction, no plan, no peer copies")
+            return
+        if s.peer_fetch:
+            self.peer_copies = PeerCopies(stub, s.node_id)
+            self.store.peers = self.peer_copies
+        self.follower = PlanFollower(s.coordinator, self.executor.on_plan, reconnect_s=s.plan_reconnect_seconds)
+        self.follower.start()
 
     async def stop(self) -> None:
-        """Stops reporting and unlinks every shared-memory segment (and the HOST pool) this process created."""
+        """Stops following the plan and reporting, and unlinks every shared-memory segment (and the HOST pool)
+        this process created."""
+        if self.follower is not None:
+            await self.follower.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -244,6 +280,8 @@ class InstanceManagerApp:
         # Frees every block, then closes the allocator: the pool last, after every load (and view) has finished.
         await self.fuser.close()
         await self.store.close()
+        if self.peer_copies is not None:
+            await self.peer_copies.close()
         if self._channel is not None:
             await self._channel.close()
         if self._node_lock is not None:

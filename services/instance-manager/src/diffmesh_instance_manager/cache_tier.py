@@ -128,12 +128,20 @@ class CacheTier(ABC, Generic[E]):
 
     def evict(self, victims: list[str]) -> None:
         """Drops ``victims`` from the index now and frees their storage (:meth:`_free`)."""
-        gone = [self.entries.pop(v) for v in victims]
+        self._drop(victims, evicted=True)
+        log.info("evicted", extra={"tier": self.tier.label, "components": ",".join(victims)})
+
+    def discard(self, component_ids: list[str]) -> None:
+        """Drops copies that were never cached (transient ones whose use ended): freed, not counted as evicted."""
+        self._drop(component_ids, evicted=False)
+
+    def _drop(self, component_ids: list[str], *, evicted: bool) -> None:
+        gone = [self.entries.pop(v) for v in component_ids]
         for e in gone:
-            self.counters.evicted_bytes += e.bytes
+            if evicted:
+                self.counters.evicted_bytes += e.bytes
             self.notify(e.component_id, self.tier, False, e.bytes, e.last_used)
         self._free(gone)
-        log.info("evicted", extra={"tier": self.tier.label, "components": ",".join(victims)})
 
     def admit(self, entry: E, seconds: float) -> None:
         """Adds a copy that was loaded in ``seconds``: counted and reported."""

@@ -9,6 +9,10 @@ feeds on every use (:class:`Popularity`), reload costs from the bandwidth the no
 measured (or a default before the first load). Among equal utilities (e.g. copies
 nobody has asked for lately) the least recently used goes first.
 
+Under ``DIFFMESH_POLICY=lru`` the tiers use :class:`LruChooser` instead: the shared
+:class:`diffmesh.policy.eviction.LRUEviction`, least recently used first, as the
+simulator's ``lru`` system evicts.
+
 (Not :class:`diffmesh.policy.eviction.EvictionPolicy`, the simulator's interface over a
 whole tier: a chooser only ranks the copies a tier offers it.)
 """
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from diffmesh.catalog import kind_name
-from diffmesh.policy.eviction import UtilityEviction
+from diffmesh.policy.eviction import LRUEviction, UtilityEviction
 from diffmesh.policy.popularity import DecayedCounter
 
 
@@ -128,5 +132,31 @@ class UtilityPolicy:
 
     def order(self, candidates: Sequence[EvictableCopy], now: float) -> list[str]:
         """Every unpinned candidate, lowest utility first (for pool-class eviction)."""
+        free = [c for c in candidates if c.component_id not in self.pinned]
+        return self.choose(free, sum(c.bytes for c in free) or 1, now)
+
+
+class LruChooser:
+    """Least recently used first (the shared :class:`LRUEviction`); pinned copies never.
+
+    The baseline of ``DIFFMESH_POLICY=lru``: no popularity, no reload costs.
+    """
+
+    def __init__(self, pinned: Collection[str]) -> None:
+        self.pinned = pinned
+
+    def choose(self, candidates: Sequence[EvictableCopy], need_bytes: int, now: float) -> list[str]:
+        """Victims, least recently used first, until ``need_bytes`` are covered (none when they cannot be)."""
+        if need_bytes <= 0:
+            return []
+        policy: LRUEviction[str] = LRUEviction()
+        for cand in sorted(candidates, key=lambda c: (c.last_used, c.component_id)):
+            policy.on_insert(cand.component_id, cand.bytes, now)
+        sizes = {c.component_id: c.bytes for c in candidates}
+        victims = policy.victims(need_bytes, now, sizes, self.pinned)
+        return victims if victims is not None else []
+
+    def order(self, candidates: Sequence[EvictableCopy], now: float) -> list[str]:
+        """Every unpinned candidate, least recently used first (for pool-class eviction)."""
         free = [c for c in candidates if c.component_id not in self.pinned]
         return self.choose(free, sum(c.bytes for c in free) or 1, now)

@@ -210,6 +210,8 @@ class HostEntry:
     plan: ComponentPlan
     last_used: float
     loaded_seconds: float = 0.0
+    transient: bool = False
+    """Not cached (refused by COLD admission): freed as soon as its last lease ends."""
 
     @property
     def bytes(self) -> int:

@@ -94,8 +94,36 @@ class HostTier(CacheTier[HostEntry]):
             label = ",".join(e.component_id for e in gone)
             self.background.spawn(asyncio.to_thread(_free_blocks, self.allocator, blocks), "freeing evicted HOST copies", label)
 
-    async def load(self, rec: common_pb2.Component, path: Path, is_dir: bool) -> HostEntry:
-        """Copies the SSD artifact at ``path`` into shared memory (headers validated first) and admits it."""
+    def room_for(self, nbytes: int) -> tuple[bool, list[str] | None]:
+        """Whether ``nbytes`` fit without evicting; if not, the copies that would go (None: not enough can go)."""
+        now = time.time()
+        if self.pool is not None:
+            pool = self.pool
+            fitting = set(pool.fitting_classes(nbytes))
+            if not fitting:
+                return False, None
+            if any(c.free > 0 for i, c in enumerate(pool.stats().classes) if i in fitting):
+                return True, []
+            candidates = [
+                c
+                for c in self.evictable()
+                if (block := self.entries[c.component_id].block) is not None and pool.class_of(block) in fitting
+            ]
+            order = self.chooser.order(candidates, now)
+            return False, order[:1] or None
+        if self.capacity <= 0:
+            return True, []
+        overflow = self.used() + self.reserved + nbytes - self.capacity
+        if overflow <= 0:
+            return True, []
+        victims = self.chooser.choose(self.evictable(), overflow, now)
+        return False, victims or None
+
+    async def load(self, rec: common_pb2.Component, path: Path, is_dir: bool, *, transient: bool = False) -> HostEntry:
+        """Copies the SSD artifact at ``path`` into shared memory (headers validated first) and admits it.
+
+        A ``transient`` copy is not cached: the store frees it when its last lease ends.
+        """
         plan = await asyncio.to_thread(plan_component, rec.id, path, is_dir, self.config_cap)
         t0 = time.perf_counter()
         if self.pool is not None:
@@ -107,7 +135,7 @@ class HostTier(CacheTier[HostEntry]):
             finally:
                 self.unreserve(plan.block_bytes)
         seconds = time.perf_counter() - t0
-        entry = HostEntry(rec.id, rec.kind, rec.family, rec.base_id, block, plan, time.time(), seconds)
+        entry = HostEntry(rec.id, rec.kind, rec.family, rec.base_id, block, plan, time.time(), seconds, transient)
         self.admit(entry, seconds)
         return entry
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -27,7 +26,8 @@ from pathlib import Path
 from diffmesh.artifacts import artifact_bytes, artifact_sha256
 from diffmesh.catalog import check_id
 from diffmesh.errors import DataLoss, FailedPrecondition, InvalidArgument
-from diffmesh.pipeline_key import SCALE_DECIMALS, canonical_key
+from diffmesh.pipeline_key import SCALE_DECIMALS
+from diffmesh.pipeline_key import fused_id as default_fused_id
 from diffmesh.request_validation import LORA_SCALE_LIMIT
 from diffmesh.v1 import common_pb2, instance_manager_pb2
 
@@ -93,8 +93,7 @@ class OverlayFuser:
         # The canonical pipeline key's form: sorted by id, scales to two decimals (one overlay per pipeline key).
         loras = sorted((lid, round(scale, SCALE_DECIMALS)) for lid, scale in loras)
         if not fused_id:
-            key = canonical_key(base_id, loras)
-            fused_id = "fused-" + hashlib.sha256(key.encode()).hexdigest()[:20]
+            fused_id = default_fused_id(base_id, loras)
         check_id("fused_id", fused_id)
         if self.register is None:
             raise FailedPrecondition("Fuse registers the overlay with the coordinator, and none is configured")
@@ -113,10 +112,10 @@ class OverlayFuser:
             source = await store.host_leased(rec, lease)
             handle = to_handle(store.host.entries[rec.id], source, time.perf_counter() - t0)
         except BaseException:
-            store.leases.close(lease.lease_id)
+            store.release(lease.lease_id)
             raise
         if not holder:
-            store.leases.close(lease.lease_id)
+            store.release(lease.lease_id)
         return rec, handle, lease.lease_id if holder else "", created and created_now
 
     def _fuse_done(self, fused_id: str, task: asyncio.Task[tuple[Record, bool]]) -> None:
@@ -195,7 +194,7 @@ class OverlayFuser:
                 copies = [store.host.entries[r.id] for r in recs]
                 await asyncio.to_thread(self._write_overlay, copies, scales, tmp)
             finally:
-                store.leases.close(lease.lease_id)
+                store.release(lease.lease_id)
             digest, size = await asyncio.to_thread(lambda: (artifact_sha256(tmp), artifact_bytes(tmp)))
             if expected_sha256 and digest != expected_sha256.lower():
                 raise DataLoss(

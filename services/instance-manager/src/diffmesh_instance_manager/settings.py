@@ -99,6 +99,18 @@ class InstanceManagerSettings(ServiceSettings):
         default_factory=list,
         description="Component ids the hot plan pins: never evicted from SSD or HOST; comma-separated or JSON list.",
     )
+    peer_fetch: bool = Field(
+        True,
+        description="On an SSD miss, fetch the component from another node's instance manager whose SSD holds it (the "
+        "PEER tier, found with the coordinator's `Locate`, sha256-checked like REMOTE) before REMOTE; `false`: REMOTE "
+        "only. Off under `DIFFMESH_POLICY=lru` whatever this says.",
+    )
+    plan_reconnect_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="First wait before following the coordinator's plan again after the stream broke (doubling up to "
+        "30 s while the coordinator is down). Plans are not followed under `DIFFMESH_POLICY=lru`.",
+    )
     lease_ttl_seconds: float = Field(
         300.0,
         ge=0,

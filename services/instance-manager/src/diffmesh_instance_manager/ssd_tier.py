@@ -1,4 +1,4 @@
-"""The SSD tier: verified artifacts fetched from REMOTE (or derived on this node), bounded and evictable.
+"""The SSD tier: verified artifacts fetched from REMOTE or a peer node (or derived here), bounded and evictable.
 
 Its copies live in the :class:`~diffmesh_instance_manager.ssd.SsdCache` directory; the
 index is saved after every change so the tier survives restarts. A copy may go when no
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -99,9 +99,23 @@ class SsdTier(CacheTier[SsdEntry]):
         self._index_seq += 1
         await asyncio.to_thread(self.cache.save_index, list(self.entries.values()), self._index_seq)
 
-    async def fetch_remote(self, rec: common_pb2.Component) -> None:
-        """Fetches ``rec`` from REMOTE (URI checked against the allowed roots), verifies it and publishes it here."""
+    async def fetch_remote(self, rec: common_pb2.Component) -> int:
+        """Fetches ``rec`` from REMOTE (URI checked against the allowed roots), verifies it and publishes it here;
+        returns the bytes fetched."""
         source = await asyncio.to_thread(self.remote.resolve, rec.id, rec.uri)
+
+        async def read(tmp: Path) -> tuple[int, bool]:
+            return await asyncio.to_thread(self.fetcher.fetch, source, rec.sha256, tmp), source.is_dir
+
+        return await self.fetch_verified(rec, read)
+
+    async def fetch_verified(self, rec: common_pb2.Component, read: Callable[[Path], Awaitable[tuple[int, bool]]]) -> int:
+        """Publishes ``rec``'s artifact as ``read(tmp)`` writes it (REMOTE or a peer), after room is made for it.
+
+        ``read`` writes the artifact to ``tmp`` (which does not exist yet), checks it against
+        ``rec.sha256`` and returns (bytes, is_dir). Nothing is published when it fails, or when
+        the artifact turns out larger than the room the tier can make. Returns the bytes.
+        """
         if not rec.sha256:
             raise FailedPrecondition(
                 f"component {rec.id!r}: the catalog record has no sha256; unverified artifacts are not loaded"
@@ -112,13 +126,13 @@ class SsdTier(CacheTier[SsdEntry]):
         tmp = self.cache.tmp_path(rec.id)
         t0 = time.perf_counter()
         try:
-            size = await asyncio.to_thread(self.fetcher.fetch, source, rec.sha256, tmp)
+            size, is_dir = await read(tmp)
             if size > reserved:
                 # The catalog under-stated the size (or did not give it): room for the rest, or nothing is published.
                 self.reserve(size - reserved, rec.id)
                 reserved = size
             digest = rec.sha256.lower()
-            new = SsdEntry(rec.id, digest, entry_name(rec.id, digest), size, source.is_dir, rec.kind, time.time())
+            new = SsdEntry(rec.id, digest, entry_name(rec.id, digest), size, is_dir, rec.kind, time.time())
             old = self.entries.pop(rec.id, None)
             if old is not None and old.name != new.name:
                 await asyncio.to_thread(self.cache.discard, self.cache.path(old))
@@ -130,6 +144,7 @@ class SsdTier(CacheTier[SsdEntry]):
             self.unreserve(reserved)
         self.admit(new, time.perf_counter() - t0)
         await self.save_index()
+        return size
 
     async def publish_derived(self, component_id: str, tmp: Path, digest: str, size: int, kind: int) -> SsdEntry:
         """Publishes a safetensors file derived on this node (a fused overlay at ``tmp``), making room for it first.

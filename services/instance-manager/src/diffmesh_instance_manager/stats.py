@@ -1,4 +1,4 @@
-"""The ``Stats`` answer: tier counters, HOST pool occupancy and per-component state of one store."""
+"""The ``Stats`` answer: tier counters, HOST pool occupancy, policy-plane counters and per-component state of one store."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from diffmesh_instance_manager.store import ComponentStore
 
 
 def stats_response(store: ComponentStore, node_id: str) -> instance_manager_pb2.StatsResponse:
-    """Tier counters and per-component state."""
+    """Tier counters, policy-plane counters and per-component state."""
     resp = instance_manager_pb2.StatsResponse(node_id=node_id)
     for tier in (store.ssd, store.host):
         c = tier.counters
@@ -32,6 +32,16 @@ def stats_response(store: ComponentStore, node_id: str) -> instance_manager_pb2.
             resp.pool_classes.add(block_size=cls.block_size, blocks=cls.blocks, used=cls.used, wasted_bytes=cls.wasted_bytes)
         resp.fragmentation = pool_stats.fragmentation
         resp.pool_pinned = pool_stats.pinned
+    plane = store.plane
+    resp.plan_version = plane.plan_version
+    resp.pinned_components = len(store.pinned)
+    resp.prefetches_started = plane.prefetches_started
+    resp.prefetch_hits = plane.prefetch_hits
+    resp.fusions_done = plane.fusions_done
+    resp.admissions_refused = store.admission.refused
+    resp.peer_fetches = plane.peer_fetches
+    resp.peer_bytes = plane.peer_bytes
+    resp.remote_bytes = plane.remote_bytes
     ssd_entries, host_entries = store.ssd.entries, store.host.entries
     for cid in sorted(set(ssd_entries) | set(host_entries)):
         host = host_entries.get(cid)

@@ -12,28 +12,39 @@ copies go; when nothing can be evicted, the request fails with RESOURCE_EXHAUSTE
 retry hint. A FUSED overlay's tier below SSD is the computation that made it: the
 store asks its :class:`OverlayDeriver` (:mod:`.overlay_fuser`) to derive it again.
 Building the ``Stats`` answer is :mod:`.stats`.
+
+The policy plane adds three things: an SSD miss first tries a peer node's verified copy
+(its :class:`PeerSource`, :mod:`.peer_fetch`) before REMOTE (or before deriving an
+overlay again); a HOST copy loaded on a miss for an Acquire passes the plan's COLD
+admission rule (:mod:`.admission`) or stays *transient* (freed when its last lease ends);
+and prefetched HOST copies are remembered until an Acquire uses them (a prefetch hit) or
+they are evicted. :class:`~diffmesh_instance_manager.plane_counters.PlaneCounters` counts it all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Protocol
 
-from diffmesh.errors import FailedPrecondition, InvalidArgument, Unavailable
+from diffmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from diffmesh.telemetry import tracer
 from diffmesh.tiers import Tier
 from diffmesh.v1 import common_pb2, coordinator_pb2, instance_manager_pb2
 
+from diffmesh_instance_manager.admission import HostAdmission
 from diffmesh_instance_manager.background import BackgroundTasks
 from diffmesh_instance_manager.catalog_records import CatalogRecords, Record, RecordLookup
-from diffmesh_instance_manager.eviction import Popularity, UtilityPolicy, VictimChooser
+from diffmesh_instance_manager.eviction import LruChooser, Popularity, UtilityPolicy, VictimChooser
 from diffmesh_instance_manager.fetch_common import Fetcher
 from diffmesh_instance_manager.host import BufferedLoader, FileLoader, HostAllocator, HostEntry, to_handle
 from diffmesh_instance_manager.host_tier import HostTier
 from diffmesh_instance_manager.leases import Lease, LeaseTable
+from diffmesh_instance_manager.plane_counters import PlaneCounters
 from diffmesh_instance_manager.pool import HostPool
 from diffmesh_instance_manager.remote_access import RemoteAccess
 from diffmesh_instance_manager.ssd import SsdCache, SsdEntry
@@ -48,6 +59,8 @@ DEFAULT_REMOTE_BPS = 0.2e9
 DEFAULT_SSD_BPS = 1.0e9
 #: Tries to make a copy HOST-resident when concurrent evictions keep taking it away.
 HOST_ATTEMPTS = 4
+#: What the ``im.fetch`` span's ``source`` says a copy came from (a peer's copy is SSD-resident here, not a Tier).
+SOURCE_PEER = "PEER"
 
 ResidencyListener = Callable[[coordinator_pb2.ResidencyUpdate], None]
 
@@ -62,6 +75,19 @@ class OverlayDeriver(Protocol):
 
     async def rederive(self, rec: Record) -> None:
         """Computes ``rec``'s overlay from its base and LoRAs and publishes it in the SSD tier (digest checked)."""
+        ...
+
+
+class PeerSource(Protocol):
+    """Other nodes' verified SSD copies (the PEER tier): where they are and how to read one."""
+
+    async def holders(self, component_id: str) -> list[tuple[str, str]]:
+        """``(node_id, address)`` of the other live nodes whose SSD holds ``component_id``, best first."""
+        ...
+
+    async def read(self, address: str, rec: Record, dest: Path) -> tuple[int, bool]:
+        """Writes ``rec``'s artifact from the node at ``address`` to ``dest``, checked against ``rec.sha256``;
+        returns (bytes, is_dir)."""
         ...
 
 
@@ -85,6 +111,7 @@ class ComponentStore:
         retry_after_s: float = 2.0,
         pinned: set[str] | None = None,
         lease_ttl_s: float = 0.0,
+        lru: bool = False,
     ) -> None:
         self.catalog = CatalogRecords(lookup)
         self.pinned: set[str] = set(pinned or ())
@@ -93,7 +120,16 @@ class ComponentStore:
         self.listeners: list[ResidencyListener] = []
         self.background = BackgroundTasks()
         self.deriver: OverlayDeriver | None = None
+        #: Other nodes' SSD copies, tried before REMOTE; None: no peer copies (no coordinator, PEER_FETCH off, lru).
+        self.peers: PeerSource | None = None
+        self.admission = HostAdmission(self.popularity)
+        self.plane = PlaneCounters()
+        #: HOST copies a prefetch brought in that no Acquire has used yet.
+        self.prefetched: set[str] = set()
         self._inflight: dict[tuple[Tier, str], asyncio.Task[Tier]] = {}
+        if lru:  # DIFFMESH_POLICY=lru: the baseline evicts least recently used at every tier
+            ssd_chooser = ssd_chooser or LruChooser(self.pinned)
+            host_chooser = host_chooser or LruChooser(self.pinned)
         self.ssd = SsdTier(
             ssd,
             ssd_capacity,
@@ -166,23 +202,29 @@ class ComponentStore:
         now = time.time()
         for rec in unique:
             self.popularity.record(rec.id, now)
+            self.admission.record_use(rec.id)
         lease = self.leases.open(holder, now)
         try:
-            handles = await self.acquire_leased(unique, lease)
+            handles = await self.acquire_leased(unique, lease, admission=True)
         except BaseException:
-            self.leases.close(lease.lease_id)
+            self.release(lease.lease_id)
             raise
         return [handles[cid] for cid in ids], lease.lease_id
 
-    async def acquire_leased(self, unique: list[Record], lease: Lease) -> dict[str, instance_manager_pb2.HostHandle]:
-        """HOST residency of ``unique`` pinned to ``lease``: the BASE starts first, the rest concurrently."""
+    async def acquire_leased(
+        self, unique: list[Record], lease: Lease, *, admission: bool = False
+    ) -> dict[str, instance_manager_pb2.HostHandle]:
+        """HOST residency of ``unique`` pinned to ``lease``: the BASE starts first, the rest concurrently.
+
+        ``admission``: copies loaded on a miss pass the COLD admission rule (an Acquire's), else they are cached.
+        """
         handles: dict[str, instance_manager_pb2.HostHandle] = {}
 
         async def one(rec: Record) -> None:
             with _tracer.start_as_current_span("im.acquire.component") as span:
                 span.set_attribute("component_id", rec.id)
                 t0 = time.perf_counter()
-                source = await self.host_leased(rec, lease)
+                source = await self.host_leased(rec, lease, admission=admission)
                 entry = self.host.entries[rec.id]
                 span.set_attribute("source_tier", proto_tier_name(source))
                 span.set_attribute("bytes", entry.plan.tensor_bytes)
@@ -201,10 +243,15 @@ class ComponentStore:
             raise
         return handles
 
-    async def host_leased(self, rec: Record, lease: Lease) -> Tier:
-        """Ensures HOST residency and pins the copy to ``lease``; returns the tier it came from."""
+    async def host_leased(self, rec: Record, lease: Lease, *, admission: bool = False) -> Tier:
+        """Ensures HOST residency and pins the copy to ``lease``; returns the tier it came from.
+
+        ``admission``: this is an Acquire's use: a copy loaded on a miss passes the COLD admission
+        rule (else it is transient), and a prefetched copy's first use counts as a prefetch hit.
+        """
         source = Tier.HOST
         counters = self.host.counters
+        load = functools.partial(self._load_host, admission=admission)
         for attempt in range(HOST_ATTEMPTS):
             entry = self.host.entries.get(rec.id)
             if entry is not None:
@@ -213,18 +260,25 @@ class ComponentStore:
                 self.leases.pin(lease, rec.id)
                 if attempt == 0:
                     counters.hits += 1
+                if admission and rec.id in self.prefetched:
+                    self.prefetched.discard(rec.id)
+                    self.plane.prefetch_hits += 1
+                if entry.transient and (not admission or (attempt == 0 and self.admission.may_keep(rec.id))):
+                    # A later use of a transient copy: a cached one (Fuse), or an Acquire that reached
+                    # cold_min_uses (keeping a copy that is already there displaces nothing): it stays.
+                    entry.transient = False
                 return source
             if attempt == 0:
                 counters.misses += 1
-            source = await self._single_flight(Tier.HOST, rec, self._load_host)
+            source = await self._single_flight(Tier.HOST, rec, load)
         raise Unavailable(f"component {rec.id!r} was evicted repeatedly while loading; retry")
 
     def release(self, lease_id: str) -> int:
-        """Ends a lease; returns how many components lost their last lease."""
+        """Ends a lease; returns how many components lost their last lease (their transient copies are freed)."""
         if not lease_id:
             raise InvalidArgument("lease_id", "required")
         freed = self.leases.close(lease_id)
-        self._touch(freed, time.time())
+        self._lease_ended(freed, time.time())
         return len(freed)
 
     def expire_leases(self, now: float, live_holders: set[str] | None = None) -> list[str]:
@@ -234,15 +288,22 @@ class ComponentStore:
             self.leases.renew(live_holders & self.leases.holders(), now)
         ended, freed = self.leases.expire(now)
         if ended:
-            self._touch(freed, now)
+            self._lease_ended(freed, now)
             log.warning("expired leases of silent holders", extra={"leases": len(ended), "components": ",".join(freed)})
         return ended
 
-    def _touch(self, component_ids: list[str], now: float) -> None:
+    def _lease_ended(self, component_ids: list[str], now: float) -> None:
+        """``component_ids`` lost their last lease: their copies were used until ``now``; transient ones go."""
+        transient: list[str] = []
         for cid in component_ids:
             entry = self.host.entries.get(cid)
             if entry is not None:
                 entry.last_used = now
+                if entry.transient:
+                    transient.append(cid)
+        if transient:
+            self.host.discard(transient)
+            log.info("freed transient HOST copies (COLD, not admitted)", extra={"components": ",".join(transient)})
 
     # ---- Prefetch ----------------------------------------------------------------------
 
@@ -254,14 +315,27 @@ class ComponentStore:
             raise InvalidArgument("target_tier", f"must be TIER_SSD or TIER_HOST, got {proto_tier_name(target)}")
         recs = await self.catalog.get_many(ids)
         tier = self.host if target == Tier.HOST else self.ssd
-        load = self._load_host if target == Tier.HOST else self._load_ssd
         accepted: list[str] = []
         for rec in {r.id: r for r in recs}.values():
             if rec.id in tier.entries:
                 continue
             accepted.append(rec.id)
-            self.background.spawn(self._single_flight(target, rec, load), "prefetch", rec.id)
+            self.background.spawn(self._prefetch_one(target, rec), "prefetch", rec.id)
+        self.plane.prefetches_started += len(accepted)
         return accepted
+
+    def loading(self, target: Tier, component_id: str) -> bool:
+        """True while a load of ``component_id`` into ``target`` is in flight."""
+        return (target, component_id) in self._inflight
+
+    async def _prefetch_one(self, target: Tier, rec: Record) -> None:
+        load = self._load_host if target == Tier.HOST else self._load_ssd
+        await self._single_flight(target, rec, load)
+        entry = self.host.entries.get(rec.id) if target == Tier.HOST else None
+        if entry is not None:
+            entry.transient = False  # a prefetched copy is cached even when an Acquire's COLD load was shared
+            if self.leases.refs(rec.id) == 0:
+                self.prefetched.add(rec.id)
 
     # ---- loading -----------------------------------------------------------------------
 
@@ -292,27 +366,71 @@ class ComponentStore:
         return await self._single_flight(Tier.SSD, rec, self._load_ssd)
 
     async def _load_ssd(self, rec: Record) -> Tier:
+        """Brings ``rec`` into SSD: from a peer's copy (returns SSD: the copy's residency here), else from
+        REMOTE or, for a FUSED overlay, by deriving it again (returns REMOTE)."""
         counters = self.ssd.counters
         if self.ssd.fresh(rec) is not None:
             counters.hits += 1
             return Tier.SSD
         counters.misses += 1
-        if rec.kind == FUSED:
-            # An overlay's tier below SSD is the computation that made it (from base + LoRAs, both verified).
-            if self.deriver is None:
-                raise FailedPrecondition(f"component {rec.id!r} is a FUSED overlay and this store derives none")
-            await self.deriver.rederive(rec)
-            return Tier.REMOTE
-        await self.ssd.fetch_remote(rec)
+        if await self._fetch_from_peer(rec):
+            return Tier.SSD
+        with _tracer.start_as_current_span("im.fetch") as span:
+            span.set_attribute("component_id", rec.id)
+            if rec.kind == FUSED:
+                # An overlay's tier below SSD is the computation that made it (from base + LoRAs, both verified).
+                span.set_attribute("source", "DERIVED")
+                if self.deriver is None:
+                    raise FailedPrecondition(f"component {rec.id!r} is a FUSED overlay and this store derives none")
+                await self.deriver.rederive(rec)
+                return Tier.REMOTE
+            span.set_attribute("source", Tier.REMOTE.label)
+            size = await self.ssd.fetch_remote(rec)
+            span.set_attribute("bytes", size)
+        self.plane.remote_bytes += size
         return Tier.REMOTE
 
-    async def _load_host(self, rec: Record) -> Tier:
+    async def _fetch_from_peer(self, rec: Record) -> bool:
+        """Publishes a peer's verified copy of ``rec`` in SSD; False when no peer holds one or every peer failed."""
+        peers = self.peers
+        if peers is None or not rec.sha256:
+            return False
+        try:
+            holders = await peers.holders(rec.id)
+        except Exception as exc:  # noqa: BLE001 - no view of the peers (coordinator down): REMOTE still works
+            log.warning("peer lookup failed; fetching from REMOTE", extra={"component_id": rec.id, "error": str(exc)})
+            return False
+        for node_id, address in holders:
+            with _tracer.start_as_current_span("im.fetch") as span:
+                span.set_attribute("component_id", rec.id)
+                span.set_attribute("source", SOURCE_PEER)
+                span.set_attribute("peer_node_id", node_id)
+                try:
+                    size = await self.ssd.fetch_verified(rec, functools.partial(peers.read, address, rec))
+                except ResourceExhausted:
+                    raise  # no room in SSD: REMOTE would not fit either
+                except Exception as exc:  # noqa: BLE001 - whatever went wrong with this peer, REMOTE still works
+                    log.warning(
+                        "peer fetch failed; trying the next peer or REMOTE",
+                        extra={"component_id": rec.id, "peer_node_id": node_id, "peer": address, "error": str(exc)},
+                    )
+                    span.set_attribute("error", str(exc))
+                    continue
+                span.set_attribute("bytes", size)
+            self.plane.peer_fetches += 1
+            self.plane.peer_bytes += size
+            log.info("fetched from a peer", extra={"component_id": rec.id, "peer_node_id": node_id, "bytes": size})
+            return True
+        return False
+
+    async def _load_host(self, rec: Record, *, admission: bool = False) -> Tier:
         source = await self._ensure_ssd(rec)
         ssd_entry = self.ssd.entries.get(rec.id)
         if ssd_entry is None:
             raise Unavailable(f"component {rec.id!r} left the SSD tier while loading; retry")
+        transient = admission and not self.admission.keeps(rec.id, ssd_entry.bytes, self.host.room_for, time.time())
         with self.ssd.reading(rec.id):
-            await self.host.load(rec, self.ssd.path(ssd_entry), ssd_entry.is_dir)
+            await self.host.load(rec, self.ssd.path(ssd_entry), ssd_entry.is_dir, transient=transient)
         return source
 
     # ---- reload costs (for the victim choosers) -----------------------------------------
@@ -331,6 +449,8 @@ class ComponentStore:
     # ---- residency -------------------------------------------------------------------------
 
     def _notify(self, component_id: str, tier: Tier, present: bool, nbytes: int, last_used: float) -> None:
+        if tier == Tier.HOST and not present:
+            self.prefetched.discard(component_id)  # evicted before any Acquire used it: no prefetch hit
         update = _residency_update(component_id, tier, present, nbytes, last_used)
         for listener in self.listeners:
             listener(update)

@@ -5,6 +5,12 @@ thread so the event loop keeps serving ``Status``, queue positions and health. A
 runs as its own task, separate from the RPC handler: when the client cancels or its
 deadline passes, the handler sets the interrupt flag and the task stops at the next
 denoising step (loading, if under way, completes and stays cached), and frees the device.
+
+With a coordinator, the worker also pushes its load on every change
+(:mod:`~diffmesh_worker.load_reporter`) and, under ``DIFFMESH_POLICY=diffmesh``, follows
+the coordinator's plans: its HOT replicas are pinned and pre-built while the device is idle
+(:mod:`~diffmesh_worker.plan_executor`). The device tier evicts with the shared utility
+policy, or LRU under ``DIFFMESH_POLICY=lru`` (:mod:`~diffmesh_worker.device_eviction`).
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ import grpc
 import torch
 from diffmesh.channels import open_channel
 from diffmesh.errors import DiffmeshError, FailedPrecondition
+from diffmesh.plan_follower import PlanFollower
+from diffmesh.policy_mode import PolicyMode, policy_mode
 from diffmesh.telemetry import tracer
 from diffmesh.v1 import (
     common_pb2,
     coordinator_pb2,
     coordinator_pb2_grpc,
     instance_manager_pb2_grpc,
+    plan_pb2,
     worker_pb2,
     worker_pb2_grpc,
 )
@@ -33,8 +42,11 @@ from grpc import aio
 
 from diffmesh_worker.assemble import DevicePlacement
 from diffmesh_worker.device_cache import DeviceCache
+from diffmesh_worker.device_eviction import DeviceUsage, eviction_policy
 from diffmesh_worker.devices import default_cache_bytes, memory, resolve_device
-from diffmesh_worker.loader import Loader
+from diffmesh_worker.load_reporter import LoadReporter
+from diffmesh_worker.loader import Loader, PipelineParts
+from diffmesh_worker.plan_executor import PlanExecutor
 from diffmesh_worker.registration import Registrar
 from diffmesh_worker.runner import DeviceSlot, Interrupted, denoise
 from diffmesh_worker.settings import WorkerSettings
@@ -77,14 +89,20 @@ class WorkerApp:
         self.device = resolve_device(settings.device)
         self.placement = DevicePlacement.for_device(self.device)
         self.mapper = SegmentMapper()
-        self.cache = DeviceCache(settings.cache_bytes or default_cache_bytes(self.device), settings.cache_max_components)
-        self.slot = DeviceSlot(settings.max_queue)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{settings.worker_id}")
-        # Spare meta skeletons are rebuilt only while no request holds or waits for the device.
-        self.skeletons = SkeletonPool(
-            settings.skeleton_keys, is_idle=lambda: self.slot.running == 0 and self.slot.queue_length == 0
+        self.mode = policy_mode()
+        self.usage = DeviceUsage(settings.popularity_half_life_seconds)
+        policy = eviction_policy(
+            self.mode, self.usage, lambda cid: self.cache.get(cid), lambda: self.cache.pins, settings.eviction_horizon_seconds
         )
+        self.cache = DeviceCache(settings.cache_bytes or default_cache_bytes(self.device), settings.cache_max_components, policy)
+        self.slot = DeviceSlot(settings.max_queue, on_change=self._load_changed)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{settings.worker_id}")
+        # Spare meta skeletons are rebuilt only while nothing holds or waits for the device.
+        self.skeletons = SkeletonPool(settings.skeleton_keys, is_idle=lambda: self.slot.idle)
         self.registrar: Registrar | None = None
+        self.load_reporter: LoadReporter | None = None
+        self.plan_executor: PlanExecutor | None = None
+        self.plan_follower: PlanFollower | None = None
         self._loader: Loader | None = None
         self._channels: list[aio.Channel] = []
         self._tasks: set[asyncio.Task[object]] = set()
@@ -113,6 +131,7 @@ class WorkerApp:
             self._report,
             s.acquire_timeout_seconds,
             self.skeletons,
+            self.usage,
         )
         if s.coordinator:
             channel = open_channel(s.coordinator)
@@ -125,11 +144,36 @@ class WorkerApp:
                 device_memory_bytes=total,
                 node_id=s.node_id,
             )
+            coordinator = coordinator_pb2_grpc.CacheCoordinatorServiceStub(channel)
             self.registrar = Registrar(
-                coordinator_pb2_grpc.CacheCoordinatorServiceStub(channel), info, self._snapshot, s.report_timeout_seconds
+                coordinator, info, self._snapshot, s.report_timeout_seconds, on_register=self._load_changed
+            )
+            self.load_reporter = LoadReporter(
+                coordinator,
+                self.registrar,
+                self.measure_load,
+                timeout_s=s.report_timeout_seconds,
+                min_interval_s=s.load_report_interval_seconds,
             )
             self.registrar.start()
-        log.info("worker started", extra={"worker_id": s.worker_id, "device": self.device, "port": port})
+            self.load_reporter.start()
+            if self.mode is PolicyMode.DIFFMESH:
+                self.plan_executor = PlanExecutor(
+                    s.node_id,
+                    s.worker_id,
+                    self.cache,
+                    self.slot,
+                    self._loader,
+                    coordinator,
+                    retry_s=s.plan_retry_seconds,
+                    timeout_s=s.report_timeout_seconds,
+                )
+                self.plan_executor.start()
+                self.plan_follower = PlanFollower(s.coordinator, self.plan_executor.apply, reconnect_s=s.plan_reconnect_seconds)
+                self.plan_follower.start()
+        log.info(
+            "worker started", extra={"worker_id": s.worker_id, "device": self.device, "port": port, "policy": self.mode.value}
+        )
 
     async def stop(self) -> None:
         """Interrupts nothing (the server drained already); frees the device tier and its leases.
@@ -137,12 +181,18 @@ class WorkerApp:
         Runs still finishing get up to 30 s. Their outcome is not stop's business (each run's
         client, or :meth:`run`'s done callback, reads it), so nothing is suppressed here.
         """
+        if self.plan_follower is not None:
+            await self.plan_follower.stop()
+        if self.plan_executor is not None:
+            await self.plan_executor.stop()
         if self._tasks:
             _, busy = await asyncio.wait(list(self._tasks), timeout=STOP_WAIT_S)
             if busy:
                 log.warning("runs still busy at stop", extra={"runs": len(busy)})
         if self._loader is not None:
             await self._loader.release_removed(self.cache.clear())
+        if self.load_reporter is not None:
+            await self.load_reporter.stop()
         if self.registrar is not None:
             await self.registrar.stop()
         for channel in self._channels:
@@ -157,6 +207,28 @@ class WorkerApp:
     def _report(self, present: bool, components: list[tuple[str, int]]) -> None:
         if self.registrar is not None:
             self.registrar.report(present, components)
+        if components:
+            self._load_changed()  # device memory changed
+
+    def _load_changed(self) -> None:
+        """The queue, the running request or the device tier changed."""
+        if self.load_reporter is not None:
+            self.load_reporter.changed()
+        if self.plan_executor is not None:
+            self.plan_executor.wake()
+
+    def measure_load(self) -> plan_pb2.WorkerLoad:
+        """This worker's load now, as ``ReportLoad`` sends it."""
+        total, free = memory(self.device)
+        return plan_pb2.WorkerLoad(
+            worker=plan_pb2.WorkerRef(node_id=self.settings.node_id, worker_id=self.settings.worker_id),
+            queue_length=self.slot.queue_length,
+            running=self.slot.running,
+            device_memory_free_bytes=free,
+            device_memory_total_bytes=total,
+            max_queue=self.settings.max_queue,
+            measured_unix=time.time(),
+        )
 
     def _snapshot(self) -> list[tuple[str, int, float]]:
         return [(e.component_id, e.bytes, e.last_used_unix) for e in self.cache.entries()]
@@ -164,8 +236,9 @@ class WorkerApp:
     # --- RPCs ---------------------------------------------------------------------------
 
     def status(self) -> worker_pb2.StatusResponse:
-        """Device memory, queue and the device-resident components."""
+        """Device memory, queue, the device-resident components (pinned ones marked) and the plan version."""
         total, free = memory(self.device)
+        pins = self.cache.pins
         return worker_pb2.StatusResponse(
             worker_id=self.settings.worker_id,
             node_id=self.settings.node_id,
@@ -175,9 +248,13 @@ class WorkerApp:
             queue_length=self.slot.queue_length,
             running=self.slot.running,
             resident=[
-                worker_pb2.ResidentComponent(component_id=e.component_id, bytes=e.bytes, last_used_unix=e.last_used_unix)
+                worker_pb2.ResidentComponent(
+                    component_id=e.component_id, bytes=e.bytes, last_used_unix=e.last_used_unix, pinned=e.component_id in pins
+                )
                 for e in self.cache.entries()
             ],
+            plan_version=self.plan_executor.version if self.plan_executor is not None else 0,
+            host_to_device_bytes_per_second=self.usage.bandwidth_bps,
         )
 
     async def run(self, request: worker_pb2.RunRequest) -> AsyncIterator[worker_pb2.RunResponse]:
@@ -244,7 +321,7 @@ class WorkerApp:
             load_started = time.perf_counter()
             with _tracer.start_as_current_span("worker.load") as span:
                 span.set_attribute("pipeline_key", job.pipeline_key)
-                loaded = await self._loader.prepare(job, events.put_nowait)
+                loaded = await self._loader.prepare(PipelineParts.of_job(job), events.put_nowait)
             load_s = time.perf_counter() - load_started
 
             def on_step(step: int, total: int) -> None:

@@ -11,9 +11,13 @@ Entries are keyed by component id:
 
 Each entry keeps the HOST copy it was built from leased from the instance manager (one
 Acquire lease can cover several entries; it is released once none of them is cached).
-The cache is bounded by bytes and by entry count; the least recently used entries not
-needed by the running request are evicted first. This class does no I/O: callers release
-leases and report residency for what :meth:`DeviceCache.evict_for` and friends return.
+The cache is bounded by bytes and by entry count. Which entries leave when it is full is
+an :class:`~diffmesh.policy.eviction.EvictionPolicy` — the shared utility policy
+(:mod:`diffmesh_worker.device_eviction`) or LRU — never the running request's components
+and never the plan's pins (:attr:`DeviceCache.pins`). The policy sees entries in recency
+order (least recently used first), which is how it breaks ties. This class does no I/O:
+callers release leases and report residency for what :meth:`DeviceCache.evict_for` and
+friends return.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffmesh.policy.eviction import EvictionPolicy, LRUEviction
 from diffmesh.v1 import common_pb2
 
 from diffmesh_worker.adapters import unload_adapter
@@ -72,11 +77,14 @@ class Removed:
 
 
 class DeviceCache:
-    """Bounded LRU of built components (see the module docstring)."""
+    """Bounded cache of built components, evicting as ``policy`` says (None: LRU; see the module docstring)."""
 
-    def __init__(self, capacity_bytes: int, max_entries: int) -> None:
+    def __init__(self, capacity_bytes: int, max_entries: int, policy: EvictionPolicy[str] | None = None) -> None:
         self.capacity_bytes = capacity_bytes
         self.max_entries = max_entries
+        self.policy: EvictionPolicy[str] = LRUEviction() if policy is None else policy
+        self.pins: frozenset[str] = frozenset()
+        """Ids the plan keeps on this device (its HOT replicas' components): never evicted."""
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
 
     def __contains__(self, component_id: object) -> bool:
@@ -98,6 +106,10 @@ class DeviceCache:
         """Bytes of every entry."""
         return sum(e.bytes for e in self._entries.values())
 
+    def set_pins(self, component_ids: Iterable[str]) -> None:
+        """Replaces the plan's pins; ids dropped from them become evictable (nothing is removed here)."""
+        self.pins = frozenset(component_ids)
+
     def touch(self, component_ids: Iterable[str], now: float | None = None) -> None:
         """Marks entries as just used."""
         now = time.time() if now is None else now
@@ -106,25 +118,46 @@ class DeviceCache:
             if entry is not None:
                 entry.last_used_unix = now
                 self._entries.move_to_end(cid)
+                # Re-inserted, not just accessed: the policy's insertion order is its tie-break.
+                self.policy.on_remove(cid)
+                self.policy.on_insert(cid, entry.bytes, now)
 
     def add(self, entry: CacheEntry) -> None:
         """Inserts (or replaces) an entry as the most recently used."""
         self._entries[entry.component_id] = entry
         self._entries.move_to_end(entry.component_id)
+        self.policy.on_remove(entry.component_id)
+        self.policy.on_insert(entry.component_id, entry.bytes, entry.last_used_unix)
         if entry.lease is not None:
             entry.lease.holding.add(entry.component_id)
 
-    def evict_for(self, incoming_bytes: int, incoming_entries: int, pinned: set[str]) -> Removed:
-        """Evicts LRU entries outside ``pinned`` until the incoming ones fit (as far as possible)."""
+    def evict_for(
+        self, incoming_bytes: int, incoming_entries: int, protected: Iterable[str], now: float | None = None
+    ) -> Removed:
+        """Evicts entries outside ``protected`` and the pins, in the policy's order, until the incoming ones fit.
+
+        As far as possible: when only protected or pinned entries are left, the cache stays over its bounds.
+        """
         removed = Removed()
-        for cid in list(self._entries):
+
+        def over() -> bool:
             over_bytes = self.capacity_bytes > 0 and self.used_bytes + incoming_bytes > self.capacity_bytes
-            over_count = len(self._entries) + incoming_entries > self.max_entries
-            if not (over_bytes or over_count):
+            return over_bytes or len(self._entries) + incoming_entries > self.max_entries
+
+        if not over():
+            return removed
+        keep = set(protected) | self.pins
+        # At least one byte each, so that the policy's byte target also orders empty entries.
+        sizes = {cid: max(1, e.bytes) for cid, e in self._entries.items()}
+        evictable = sum(size for cid, size in sizes.items() if cid not in keep)
+        if evictable == 0:
+            return removed
+        now = time.time() if now is None else now
+        for cid in self.policy.victims(evictable, now, sizes, keep) or []:
+            if not over():
                 break
-            if cid in pinned or cid not in self._entries:  # pinned, or gone with its base already
-                continue
-            self._remove(cid, removed)
+            if cid in self._entries:  # not gone with its base already
+                self._remove(cid, removed)
         return removed
 
     def remove(self, component_ids: Iterable[str]) -> Removed:
@@ -141,6 +174,7 @@ class DeviceCache:
 
     def _remove(self, cid: str, removed: Removed) -> None:
         entry = self._entries.pop(cid)
+        self.policy.on_remove(cid)
         if entry.kind == common_pb2.COMPONENT_KIND_LORA:
             # A LoRA leaves the device: drop its adapter from every base it was loaded into.
             for other in self._entries.values():

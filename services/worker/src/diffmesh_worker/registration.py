@@ -3,7 +3,9 @@
 The protocol (register, heartbeat every third of the lease, register again when the
 coordinator forgets us, full snapshot after every registration, changes buffered while
 unregistered and flushed after) is :class:`diffmesh.coordinator_lease.CoordinatorLease`;
-this module supplies the worker's RPCs and its residency in GPU-tier updates.
+this module supplies the worker's RPCs and its residency in GPU-tier updates, and lets the
+worker's load reports (:mod:`diffmesh_worker.load_reporter`) follow the same lease: they
+learn of every registration and can declare the lease lapsed.
 """
 
 from __future__ import annotations
@@ -22,16 +24,23 @@ class WorkerLeaseCalls:
     """The coordinator RPCs of one worker (a :class:`~diffmesh.coordinator_lease.LeaseCalls`)."""
 
     def __init__(
-        self, stub: coordinator_pb2_grpc.CacheCoordinatorServiceStub, info: coordinator_pb2.WorkerInfo, timeout_s: float
+        self,
+        stub: coordinator_pb2_grpc.CacheCoordinatorServiceStub,
+        info: coordinator_pb2.WorkerInfo,
+        timeout_s: float,
+        on_register: Callable[[], None] | None = None,
     ) -> None:
         self.stub = stub
         self.info = info
         self.timeout_s = timeout_s
+        self.on_register = on_register
 
     async def register(self) -> float:
-        """``RegisterWorker``; returns the granted lease."""
+        """``RegisterWorker``; returns the granted lease (and tells ``on_register``)."""
         request = coordinator_pb2.RegisterWorkerRequest(worker=self.info)
         resp = await self.stub.RegisterWorker(request, timeout=self.timeout_s)
+        if self.on_register is not None:
+            self.on_register()
         return float(resp.lease_seconds)
 
     async def heartbeat(self) -> coordinator_pb2.HeartbeatResponse:
@@ -64,9 +73,11 @@ class Registrar(CoordinatorLease):
         info: coordinator_pb2.WorkerInfo,
         snapshot: DeviceSnapshot,
         timeout_s: float,
+        on_register: Callable[[], None] | None = None,
     ) -> None:
+        """``on_register`` is called after every successful ``RegisterWorker`` (before the snapshot is sent)."""
         super().__init__(
-            WorkerLeaseCalls(stub, info, timeout_s),
+            WorkerLeaseCalls(stub, info, timeout_s, on_register),
             lambda: [gpu_update(cid, size, True, used) for cid, size, used in snapshot()],
             holder=f"worker {info.node_id}/{info.worker_id}",
             stop_flush_s=timeout_s,
@@ -77,3 +88,8 @@ class Registrar(CoordinatorLease):
         """Buffers residency changes (component id, bytes) of the GPU tier; sent in the background."""
         now = time.time()
         self.changed_all(gpu_update(cid, size, present, now) for cid, size in components)
+
+    def lease_lapsed(self) -> None:
+        """Another call was answered NOT_FOUND: the coordinator forgot this worker, so register again now."""
+        self.registered.clear()
+        self._wake_heartbeat.set()

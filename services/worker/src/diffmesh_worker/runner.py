@@ -2,9 +2,12 @@
 
 :class:`DeviceSlot` is the worker's queue: at most one request holds the device (loading
 and denoising), at most ``max_queue`` wait, in arrival order, and each waiter can follow
-its position. :func:`denoise` runs a diffusers pipeline in the device thread, reporting
-every finished step and checking an interrupt flag in the step callback so that a
-cancelled request stops within one step.
+its position. Background work (the plan's pre-builds) takes the device only while it is
+idle (:meth:`DeviceSlot.try_background`) and gives it up at its next step once a request
+waits (:attr:`DeviceSlot.requests_waiting`): it has a lower priority than every request.
+:func:`denoise` runs a diffusers pipeline in the device thread, reporting every finished
+step and checking an interrupt flag in the step callback so that a cancelled request
+stops within one step.
 """
 
 from __future__ import annotations
@@ -38,12 +41,18 @@ class Ticket:
 
 
 class DeviceSlot:
-    """FIFO admission to the device: one running request, at most ``max_queue`` waiting."""
+    """FIFO admission to the device: one running request, at most ``max_queue`` waiting.
 
-    def __init__(self, max_queue: int) -> None:
+    ``on_change`` is called (in the event loop) whenever the queue length, the running
+    request or the background holder changes.
+    """
+
+    def __init__(self, max_queue: int, on_change: Callable[[], None] | None = None) -> None:
         self.max_queue = max_queue
+        self.on_change = on_change
         self._waiting: deque[Ticket] = deque()
         self._running: Ticket | None = None
+        self._background: Ticket | None = None
         self._avg_run_s = 5.0  # until measured
 
     @property
@@ -53,30 +62,68 @@ class DeviceSlot:
 
     @property
     def running(self) -> int:
-        """Requests holding the device (0 or 1)."""
+        """Requests holding the device (0 or 1); background work does not count."""
         return 0 if self._running is None else 1
 
+    @property
+    def idle(self) -> bool:
+        """True when no request holds or waits for the device and no background work holds it."""
+        return self._running is None and not self._waiting and self._background is None
+
+    @property
+    def requests_waiting(self) -> bool:
+        """True when a request waits: background work gives the device up at its next step."""
+        return bool(self._waiting)
+
     def enter(self) -> Ticket:
-        """Takes a place: the device at once when idle, else the end of the queue; RESOURCE_EXHAUSTED when full."""
+        """Takes a place: the device at once when idle, else the end of the queue; RESOURCE_EXHAUSTED when full.
+
+        A request waiting only for background work counts as the running one (it gets the
+        device at the background's next step), so it does not take a queue place.
+        """
         ticket = Ticket()
-        if self._running is None and not self._waiting:
+        if self.idle:
             self._grant(ticket)
+            self._changed()
             return ticket
-        if len(self._waiting) >= self.max_queue:
-            wait_s = self._avg_run_s * (len(self._waiting) + 1)
-            raise ResourceExhausted(
-                f"worker queue is full ({len(self._waiting)} waiting, max_queue={self.max_queue})",
-                retry_after_s=round(min(max(wait_s, 0.5), 60.0), 1),
-            )
+        behind_background = 1 if self._running is None and self._waiting else 0
+        if self._running is not None or self._waiting:
+            if len(self._waiting) - behind_background >= self.max_queue:
+                wait_s = self._avg_run_s * (len(self._waiting) + 1)
+                raise ResourceExhausted(
+                    f"worker queue is full ({len(self._waiting)} waiting, max_queue={self.max_queue})",
+                    retry_after_s=round(min(max(wait_s, 0.5), 60.0), 1),
+                )
         self._waiting.append(ticket)
+        self._changed()
         return ticket
 
+    def try_background(self) -> Ticket | None:
+        """The device for background work if it is idle now, else None (release with :meth:`release_background`)."""
+        if not self.idle:
+            return None
+        ticket = Ticket(granted=True, granted_at=time.monotonic())
+        self._background = ticket
+        self._changed()
+        return ticket
+
+    def release_background(self, ticket: Ticket) -> None:
+        """Ends background work; the first waiting request gets the device."""
+        if ticket is not self._background:
+            return
+        self._background = None
+        if self._waiting and self._running is None:
+            self._grant(self._waiting.popleft())
+            self._notify()
+        self._changed()
+
     def position(self, ticket: Ticket) -> int:
-        """Requests ahead of ``ticket`` (the running one included); 0 once it holds the device."""
+        """Requests ahead of ``ticket`` (the running one or background work included); 0 once it holds the device."""
         if ticket.granted:
             return 0
         try:
-            return self._waiting.index(ticket) + (0 if self._running is None else 1)
+            ahead = 0 if self._running is None and self._background is None else 1
+            return self._waiting.index(ticket) + ahead
         except ValueError:
             return 0
 
@@ -102,6 +149,7 @@ class DeviceSlot:
         elif ticket in self._waiting:
             self._waiting.remove(ticket)
             self._notify()
+            self._changed()
 
     def release(self, ticket: Ticket) -> None:
         """Frees the device after ``ticket``'s request ended; the next waiter gets it."""
@@ -113,6 +161,7 @@ class DeviceSlot:
         if self._waiting:
             self._grant(self._waiting.popleft())
         self._notify()
+        self._changed()
 
     def _grant(self, ticket: Ticket) -> None:
         ticket.granted = True
@@ -123,6 +172,10 @@ class DeviceSlot:
     def _notify(self) -> None:
         for ticket in self._waiting:
             ticket.changed.set()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
 
 class Interrupted(Exception):

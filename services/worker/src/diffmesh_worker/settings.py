@@ -56,5 +56,35 @@ class WorkerSettings(ServiceSettings):
     )
     acquire_timeout_seconds: float = Field(300.0, gt=0, description="Deadline of the instance manager's `Acquire` call.")
     report_timeout_seconds: float = Field(
-        5.0, gt=0, description="Deadline of coordinator calls (register, heartbeat, residency reports)."
+        5.0, gt=0, description="Deadline of coordinator calls (register, heartbeat, residency and load reports)."
+    )
+    load_report_interval_seconds: float = Field(
+        0.05,
+        ge=0,
+        description="Shortest gap between two load reports (`ReportLoad`: queue, running, free device memory); changes "
+        "in between are coalesced into the next report (the latest wins).",
+    )
+    popularity_half_life_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="Half-life of the decayed counts of this worker's requests per component, the reuse rates of the "
+        "device tier's utility eviction.",
+    )
+    eviction_horizon_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Horizon of the device tier's utility eviction: a component's worth is P(reused within it) x reload "
+        "seconds / bytes. Unused with `DIFFMESH_POLICY=lru` (LRU eviction).",
+    )
+    plan_retry_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How often a HOT replica's pre-build that could not finish (a failure, the overlay not in the catalog "
+        "yet) is tried again.",
+    )
+    plan_reconnect_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="First wait before following the coordinator's plans again after the stream broke (doubling up to 30 "
+        "s). No plans are followed with `DIFFMESH_POLICY=lru` or without a coordinator.",
     )

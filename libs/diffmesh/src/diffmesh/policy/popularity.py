@@ -13,11 +13,50 @@ import math
 from collections.abc import Container, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
 LN2 = math.log(2.0)
+
+REBASE_EXPONENT = 300.0
+"""Forward decay moves its reference time once the growth factor reaches ``exp(REBASE_EXPONENT)``
+(about 1e130), far below the float limit (about 1e308)."""
+
+
+def decay_rate(half_life_s: float) -> float:
+    """The decay constant lambda of a half-life: ``ln 2 / half_life_s`` (per second)."""
+    if half_life_s <= 0:
+        raise ValueError("half_life_s must be positive")
+    return LN2 / half_life_s
+
+
+class Growth(NamedTuple):
+    """Forward decay at one time: the factor new requests are scaled by, against which reference."""
+
+    factor: float
+    """``exp(lambda x (t - ref))``: a request at ``t`` adds ``amount x factor``; a scaled value
+    divided by it is the decayed count at ``t``."""
+    ref: float
+    """The reference time to use from now on."""
+    shrink: float | None
+    """When the reference moved to ``t``: multiply every stored scaled value by this first; else None."""
+
+
+def forward_growth(lam: float, t: float, ref: float) -> Growth:
+    """Forward decay's growth factor at ``t`` against reference ``ref`` (decay constant ``lam``).
+
+    Values are stored scaled by ``exp(lam x (t_update - ref))``, so decaying everything is
+    dividing by one factor at read time and writes never touch other keys. Before the
+    factor could overflow (``REBASE_EXPONENT``) the reference moves to ``t``: the result then
+    carries the ``shrink`` every stored value must be multiplied by, and a factor of 1.
+    :class:`DecayedCounter` keeps its values in memory this way; the coordinator keeps them
+    in Redis sorted sets with the same arithmetic.
+    """
+    x = lam * (t - ref)
+    if x > REBASE_EXPONENT:
+        return Growth(1.0, t, math.exp(-x))
+    return Growth(math.exp(x), ref, None)
 
 
 class Band(StrEnum):
@@ -60,13 +99,9 @@ class DecayedCounter(Generic[K]):
     approximation.
     """
 
-    _REBASE_EXPONENT = 300.0
-
     def __init__(self, half_life_s: float) -> None:
-        if half_life_s <= 0:
-            raise ValueError("half_life_s must be positive")
+        self._lambda = decay_rate(float(half_life_s))
         self.half_life_s = float(half_life_s)
-        self._lambda = LN2 / self.half_life_s
         self._value: dict[K, float] = {}
         """Scaled values: decayed count at ``_stamp[k]`` x ``growth(_stamp[k])``."""
         self._stamp: dict[K, float] = {}
@@ -86,13 +121,10 @@ class DecayedCounter(Generic[K]):
             return self._cached_g
         if not self._ref_set:
             self._ref, self._ref_set = t, True
-        x = self._lambda * (t - self._ref)
-        if x > self._REBASE_EXPONENT:
-            shrink = math.exp(-x)
+        g, self._ref, shrink = forward_growth(self._lambda, t, self._ref)
+        if shrink is not None:
             for k in self._value:
                 self._value[k] *= shrink
-            self._ref, x = t, 0.0
-        g = math.exp(x)
         self._cached_t, self._cached_g = t, g
         return g
 

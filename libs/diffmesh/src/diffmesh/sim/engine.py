@@ -30,10 +30,10 @@ import numpy as np
 from diffmesh.policy.admission import ColdAdmission
 from diffmesh.policy.eviction import BoundedCache, EvictionPolicy, LRUEviction, UtilityEviction
 from diffmesh.policy.fusion_plan import overlay_bytes, plan_fusion
+from diffmesh.policy.planner import PipelineDemand, PlannerSettings, PlanWorker, plan_hot
 from diffmesh.policy.popularity import Band, DecayedCounter, assign_bands
 from diffmesh.policy.prefetch import BanditPrefetcher, time_bucket
-from diffmesh.policy.replicas import HotPipeline, WorkerSlot, plan_hot_replicas
-from diffmesh.policy.routing import choose_worker, pipeline_load_s
+from diffmesh.policy.routing import adapters_load_s, choose_worker, pipeline_load_s
 from diffmesh.sim.calibration import Calibration, compute_s, jitter_factor
 from diffmesh.sim.config import GB, ClusterConfig, PolicySettings, SystemSpec
 from diffmesh.trace.model import Workload
@@ -121,24 +121,6 @@ def weighted_busy_fraction(starts: np.ndarray, ends: np.ndarray, arrivals: np.nd
     per_window = np.diff(busy_upto) / (gpus * window_s)
     idx = ((arrivals - t0) // window_s).astype(np.int64)
     return float(per_window[idx].mean())
-
-
-def _others_load(sizes: dict[int, int], nc: list[float], needed: tuple[int, ...], asymmetric: bool) -> float:
-    """Load seconds of the non-base components of ``needed`` missing from ``sizes`` (costs ``nc``).
-
-    Asymmetric loading streams them concurrently after the base (the slowest counts);
-    otherwise they add up.
-    """
-    out = 0.0
-    for c in needed[1:]:
-        if c not in sizes:
-            x = nc[c]
-            if asymmetric:
-                if x > out:
-                    out = x
-            else:
-                out += x
-    return out
 
 
 class PreparedWorkload:
@@ -593,7 +575,7 @@ class Simulator:
         sizes = self.gpu[w].sizes
         nc = self.ncost[w // self.gpn]
         base = needed[0]
-        return (0.0 if base in sizes else nc[base]) + _others_load(sizes, nc, needed, self.spec.asymmetric)
+        return (0.0 if base in sizes else nc[base]) + adapters_load_s(sizes, nc, needed, self.spec.asymmetric)
 
     # ---- routing -----------------------------------------------------------------------
 
@@ -656,7 +638,10 @@ class Simulator:
         least its wait), then per node only while ``earliest wait on the node + base load
         from the node's best tier`` can still beat the best found (every non-holder there
         pays at least that). :meth:`_route_ect_exhaustive` scores all workers and must
-        choose the same.
+        choose the same. Both use the ECT of :mod:`diffmesh.policy.routing`, which the
+        router scores with too: the adapters' part of the load is
+        :func:`~diffmesh.policy.routing.adapters_load_s`; the compute term, equal for
+        every worker here, is left out of the comparison.
         """
         prep = self.prep
         needed = self._needed(p)
@@ -687,7 +672,7 @@ class Simulator:
                     continue
                 if pinned_bytes[w] > roomy and not self._fits(w, needed, need):
                     continue
-                v = wait + _others_load(gpus[w].sizes, ncost[w // gpn], needed, asym) if others else wait
+                v = wait + adapters_load_s(gpus[w].sizes, ncost[w // gpn], needed, asym) if others else wait
                 if v < best or (v == best and w < best_w):
                     best, best_w = v, w
         if self.min_cost[base] > best:
@@ -712,7 +697,7 @@ class Simulator:
                 if pinned_bytes[w] > roomy and not self._fits(w, needed, need):
                     continue
                 if others:
-                    v += _others_load(sizes, nc, needed, asym)
+                    v += adapters_load_s(sizes, nc, needed, asym)
                 if v < best or (v == best and w < best_w):
                     best, best_w = v, w
         return self._routed(i, p, t, best_w, needed)
@@ -787,25 +772,24 @@ class Simulator:
         if set(hot) == self.hot_set and self.ticks % st.replan_every:
             return
         self.hot_set = set(hot)
-        total = sum(self.pipe_work.count(k, t) for k, _ in ranked) or 1.0
-        hp = []
-        for k in hot:
-            needed = self._needed(k)
-            hp.append(
-                HotPipeline(
-                    str(k),
-                    self.pipe_work.count(k, t) / total,
-                    str(needed[0]),
-                    prep.nbytes[needed[0]],
-                    sum(prep.nbytes[c] for c in needed[1:]),
-                    tuple(str(n) for n in sorted(self.node_holding.get(needed[0], ()))),
-                )
-            )
-        budget = int(prep.gpu_bytes * st.pin_budget_fraction)
-        slots = [WorkerSlot(str(w), str(w // self.gpn), budget) for w in range(self.W)]
-        previous = {str(k): [str(w) for w in ws] for k, ws in self.replicas.items()}
-        plan = plan_hot_replicas(hp, slots, previous)
-        self.replicas = {int(k): [int(w) for w in ws] for k, ws in plan.items() if ws}
+        # The coordinator's HOT placement (policy.planner.plan_hot) over the simulated workers:
+        # each pipeline as the components it needs now (its overlay instead of LoRAs when fused).
+        demands = [
+            PipelineDemand(str(k), 0.0, tuple(str(c) for c in self._needed(k)), work=self.pipe_work.count(k, t)) for k in hot
+        ]
+        sizes = {c: prep.nbytes[int(c)] for d in demands for c in d.component_ids}
+        workers = [PlanWorker(str(w // self.gpn), str(w), prep.gpu_bytes) for w in range(self.W)]
+        previous = {str(k): [(str(w // self.gpn), str(w)) for w in ws] for k, ws in self.replicas.items()}
+        plan = plan_hot(
+            demands,
+            sum(self.pipe_work.count(k, t) for k, _ in ranked),
+            workers,
+            sizes,
+            lambda cid: tuple(str(n) for n in sorted(self.node_holding.get(int(cid), ()))),
+            previous,
+            PlannerSettings(pin_budget_fraction=st.pin_budget_fraction),
+        )
+        self.replicas = {int(k): [int(w) for _, w in ws] for k, ws in plan.items() if ws}
         pinned: list[set[int]] = [set() for _ in range(self.W)]
         for k, ws in self.replicas.items():
             for w in ws:
@@ -971,7 +955,7 @@ class Simulator:
                 continue
             if self.pinned_bytes[x] and not self._fits(x, needed, need):
                 continue
-            load += _others_load(sizes, nc, needed, asym)
+            load += adapters_load_s(sizes, nc, needed, asym)
             if load < best:
                 best, best_w = load, x
         if best_w >= 0 and best > 0.0:
