@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@grep -hE '^[a-z][a-z0-9-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-z][a-z0-9-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-16s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): libs/diffmesh/pyproject.toml services/*/pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,11 +60,18 @@ lint: proto ## ruff and mypy on our own packages
 sim: proto ## trace-driven simulator on ../shared/traces/alibaba-genai-2026 (see README)
 	$(VENV)/bin/diffmesh sim --trace $${DIFFMESH_TRACE:-../shared/traces/alibaba-genai-2026} --json out/sim.json --plot out/sim.png
 
+replay: proto ## live trace replay: lru vs diffmesh on fresh local meshes (see libs/diffmesh/src/diffmesh/replay/README.md)
+	$(VENV)/bin/diffmesh replay --trace $${DIFFMESH_TRACE:-../shared/traces/alibaba-genai-2026} --policy all \
+		--json out/replay.json --plot out/replay.png
+
 bench-load: proto ## loading benchmark on a generated SD1.5-size UNet (see bench/README.md)
 	$(PY) bench/load_bench.py --json out/bench-load.json
+
+bench-scale-out: proto ## scale-out benchmark: a new worker on a node with the pipeline in HOST vs REMOTE (see bench/README.md)
+	$(PY) bench/scale_out_bench.py --json out/bench-scale-out.json
 
 clean: ## remove generated stubs and local outputs
 	rm -f $(STUBS)/*_pb2*.py $(STUBS)/*_pb2*.pyi $(STUBS)/.stamp
 	rm -rf out .diffmesh
 
-.PHONY: help venv proto compose-schema config-doc run test lint sim bench-load clean
+.PHONY: help venv proto compose-schema config-doc run test lint sim replay bench-load bench-scale-out clean

@@ -15,13 +15,26 @@ import pytest
 import redis
 from diffmesh.pipeline_key import canonical_key, fused_id
 from diffmesh.plan_follower import PlanFollower
+from diffmesh.policy.prefetch import time_bucket
 from diffmesh.server import ServerThread
 from diffmesh.v1 import coordinator_pb2, coordinator_pb2_grpc, plan_pb2
 from diffmesh_coordinator.app import CoordinatorApp
 from diffmesh_coordinator.keys import KeyLayout
 from diffmesh_coordinator.view_events import KIND_FIELD, entry_event
 
-from tests.contract.test_coordinator import BASE, HOST, _component, _node, _register, _report, _settings, _update, _worker
+from tests.contract.test_coordinator import (
+    BASE,
+    CN,
+    HOST,
+    SSD,
+    _component,
+    _node,
+    _register,
+    _report,
+    _settings,
+    _update,
+    _worker,
+)
 from tests.support.waiting import wait_for
 
 Stub = coordinator_pb2_grpc.CacheCoordinatorServiceStub
@@ -185,6 +198,88 @@ def test_plan_loop_bands_replicates_fuses_pins_prefetches_and_admits(serve: Call
     wait_for(lambda: app.plan_loop.rewards.hits == 1, "the prefetch hit to be rewarded")
     bucket = app.plan_loop.rewards.bucket
     assert app.plan_loop.rewards.bandit.posterior(bucket, WARM_KEY) == (2.0, 1.0)
+
+
+def _prefetched(plan: plan_pb2.Plan) -> set[str]:
+    return {cid for n in plan.nodes for cid in n.prefetch_ids}
+
+
+def test_warm_pipelines_that_appear_later_are_prefetched_within_the_same_bucket(serve: Callable[..., Any]) -> None:
+    clock = Clock()  # never moves: every plan below falls in one time-of-day bucket
+    app, _, stub = serve(clock, hot_fraction=0.05, warm_fraction=0.95)
+    _register(stub, *(_component(cid, kind=BASE) for cid in ("lw-hot", "lw-warm-a", "lw-warm-b")))
+    stub.RegisterNode(_node("lw-n1"), timeout=10)
+    stub.RegisterNode(_node("lw-n2", 50052), timeout=10)
+    stub.RegisterWorker(_worker("lw-n1", "w1", 50061), timeout=10)
+    stub.RegisterWorker(_worker("lw-n2", "w1", 50062), timeout=10)
+
+    # cold start: the bucket's first plans have a HOT pipeline and nothing WARM to prefetch
+    _record(stub, canonical_key("lw-hot"), ["lw-hot"], 40)
+    plan = wait_for(lambda: (p := _plan(stub)).hot and p, "the first pipeline to become HOT")
+    assert not _prefetched(plan)
+    _passes_later(app)
+
+    # a WARM pipeline appears: prefetched at once, not at the next bucket
+    _record(stub, canonical_key("lw-warm-a"), ["lw-warm-a"], 10)
+    plan = wait_for(lambda: "lw-warm-a" in _prefetched(p := _plan(stub)) and p, "the first WARM pipeline's prefetch")
+    bucket = app.plan_loop.rewards.bucket
+    assert bucket == time_bucket(clock.now, app.settings.prefetch_bucket_seconds)
+
+    # the WARM set grows: the new one fills a free slot, the earlier pick stays
+    _record(stub, canonical_key("lw-warm-b"), ["lw-warm-b"], 5)
+    plan = wait_for(lambda: "lw-warm-b" in _prefetched(p := _plan(stub)) and p, "the second WARM pipeline's prefetch")
+    assert _prefetched(plan) == {"lw-warm-a", "lw-warm-b"}
+    assert app.plan_loop.rewards.bucket == bucket
+
+    # nothing changes: the picks, and so the plan's version, stay
+    _passes_later(app)
+    assert _plan(stub).version == plan.version
+
+
+def test_a_warm_pipeline_with_loras_is_fused_on_the_node_holding_its_base(serve: Callable[..., Any]) -> None:
+    app, _, stub = serve()
+    _register(
+        stub,
+        _component("fw-hot", kind=BASE),
+        _component("fw-base", kind=BASE),
+        _component("fw-lora"),
+        _component("fw-cn", kind=CN),
+        _component("fw-cold-a", kind=BASE),
+        _component("fw-cold-b", kind=BASE),
+    )
+    stub.RegisterNode(_node("fw-n1"), timeout=10)
+    stub.RegisterNode(_node("fw-n2", 50052), timeout=10)
+    stub.RegisterWorker(_worker("fw-n1", "w1", 50061), timeout=10)
+    stub.RegisterWorker(_worker("fw-n2", "w1", 50062), timeout=10)
+    stub.ReportResidency(_report("fw-n2", "", _update("fw-base", SSD)), timeout=10)
+    warm_key = canonical_key("fw-base", [("fw-lora", 0.5)], ["fw-cn"])
+    _record(stub, canonical_key("fw-hot"), ["fw-hot"], 40)  # HOT, but no LoRAs: nothing to fuse
+    _record(stub, warm_key, ["fw-base", "fw-lora", "fw-cn"], 10)
+    _record(stub, canonical_key("fw-cold-a"), ["fw-cold-a"])
+    _record(stub, canonical_key("fw-cold-b"), ["fw-cold-b"])
+
+    def fused_and_banded() -> plan_pb2.Plan | None:
+        p = _plan(stub)
+        return p if p.fusions and len(p.pipelines) == 2 else None  # every record ranked: one HOT, one WARM
+
+    plan = wait_for(fused_and_banded, "the WARM pipeline to become a fusion target")
+    assert {p.pipeline_key: p.band for p in plan.pipelines} == {
+        canonical_key("fw-hot"): plan_pb2.BAND_HOT,
+        warm_key: plan_pb2.BAND_WARM,
+    }
+    assert [h.fused_id for h in plan.hot] == [""]
+    (target,) = plan.fusions
+    overlay = fused_id("fw-base", [("fw-lora", 0.5)])
+    assert (target.pipeline_key, target.fused_id, list(target.node_ids)) == (warm_key, overlay, ["fw-n2"])
+    assert target.pipeline.base_id == "fw-base" and not target.pipeline.controlnets  # ControlNets are not fused
+    assert [(lo.id, lo.scale) for lo in target.pipeline.loras] == [("fw-lora", 0.5)]
+    assert {n.node_id: list(n.fuse_pipeline_keys) for n in plan.nodes} == {"fw-n1": [], "fw-n2": [warm_key]}
+    assert overlay in plan.admission.admitted_ids
+
+    # the base reaches fw-n1 too: the target stays where it is and the version does not move
+    stub.ReportResidency(_report("fw-n1", "", _update("fw-base", HOST)), timeout=10)
+    _passes_later(app)
+    assert _plan(stub).version == plan.version
 
 
 def test_plan_loop_skips_pipelines_outside_the_catalog(serve: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:

@@ -130,6 +130,49 @@ def test_the_coordinators_plan_pins_and_fuses_a_hot_pipeline_on_its_replica_node
     assert rec.kind == common_pb2.COMPONENT_KIND_FUSED and rec.base_id == base
 
 
+def test_the_coordinators_plan_fuses_a_warm_pipeline_with_loras_on_the_node_holding_its_base(
+    planning: tuple[ImMesh, Im],
+) -> None:
+    mesh, im = planning
+    wait_for(lambda: any(n.node_id == im.node_id for n in mesh.stub.ListNodes(coordinator_pb2.ListNodesRequest()).nodes), "node")
+    worker = coordinator_pb2.WorkerInfo(
+        worker_id="w-plan", node_id=im.node_id, address="127.0.0.1:1", device="cpu", device_memory_bytes=8 << 30
+    )
+    mesh.stub.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(worker=worker))
+    base, loras = "sd15-tiny-b", [("lora-neon", 0.8)]
+    _use(im, base)  # the node's SSD now holds the base
+
+    def holds_base() -> bool:
+        resp = mesh.stub.Locate(coordinator_pb2.LocateRequest(component_ids=[base]))
+        return any(r.node_id == im.node_id for loc in resp.locations for r in loc.residencies)
+
+    wait_for(holds_base, "the node's copy of the base reported")
+    warm_key = canonical_key(base, loras)
+    now = time.time()
+    mix = [
+        (canonical_key("sd15-tiny-a"), ["sd15-tiny-a"], 20),  # HOT, no LoRAs: nothing to fuse
+        (warm_key, [base, "lora-neon"], 8),  # WARM with LoRAs: a fusion target
+        (canonical_key("sd15-tiny-c"), ["sd15-tiny-c"], 1),
+        (canonical_key(base), [base], 1),
+    ]
+    records = [
+        coordinator_pb2.RequestRecord(request_id=f"{key}-{i}", pipeline_key=key, component_ids=ids, arrival_unix=now)
+        for key, ids, n in mix
+        for i in range(n)
+    ]
+    mesh.stub.RecordRequests(coordinator_pb2.RecordRequestsRequest(records=records))
+    fid = fused_id(base, loras)
+    wait_for(lambda: host_resident(im, fid), "the WARM pipeline's overlay fused on the node holding its base", timeout=120)
+    plan = mesh.stub.GetPlan(coordinator_pb2.GetPlanRequest()).plan
+    assert {p.pipeline_key: p.band for p in plan.pipelines}[warm_key] == plan_pb2.BAND_WARM
+    assert [(f.pipeline_key, f.fused_id, list(f.node_ids)) for f in plan.fusions] == [(warm_key, fid, [im.node_id])]
+    assert all(not h.fused_id for h in plan.hot)
+    assert fid not in im.app.store.pinned  # only HOT replicas pin
+    assert im_stats(im).fusions_done == 1
+    rec = mesh.stub.GetComponent(coordinator_pb2.GetComponentRequest(id=fid)).component
+    assert rec.kind == common_pb2.COMPONENT_KIND_FUSED and rec.base_id == base
+
+
 def test_under_the_coordinators_default_rule_a_cold_component_used_once_is_not_kept(planning: tuple[ImMesh, Im]) -> None:
     _, im = planning
     wait_for(lambda: im_stats(im).plan_version >= 1, "the coordinator's first plan applied")
@@ -264,9 +307,7 @@ def test_a_rule_with_cold_min_uses_zero_keeps_every_copy(im: Im) -> None:
     assert host_resident(im, "lora-d") and im_stats(im).admissions_refused == 0
 
 
-def test_lru_mode_evicts_the_least_recently_used_copy(
-    im_mesh: ImMesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_lru_mode_evicts_the_least_recently_used_copy(im_mesh: ImMesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DIFFMESH_POLICY", "lru")
     lru, channel = start_im(im_mesh, tmp_path / "ssd", host_capacity_bytes=5 * MIB)
     try:

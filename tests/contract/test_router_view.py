@@ -287,6 +287,38 @@ def test_a_plan_fused_overlay_runs_for_its_pipeline(mesh: ViewMesh) -> None:
     assert LORA not in kinds  # no runtime adapter
 
 
+def test_a_warm_fusion_target_runs_as_its_overlay(mesh: ViewMesh) -> None:
+    router = mesh.router
+    base, loras = "sd15-tiny-b", ((LORA, 0.6),)
+    key = canonical_key(base, loras)
+    overlay = fused_id(base, loras)
+    with grpc.insecure_channel(mesh.im.address) as ch:
+        instance_manager_pb2_grpc.InstanceManagerServiceStub(ch).Fuse(
+            instance_manager_pb2.FuseRequest(base_id=base, loras=[common_pb2.LoraRef(id=i, scale=s) for i, s in loras]),
+            timeout=300,
+        )
+    # WARM, not HOT: only the plan's fusion targets name the overlay (a version above any plan before).
+    plan = plan_pb2.Plan(version=10**9 + 1, mode=plan_pb2.POLICY_MODE_DIFFMESH)
+    plan.pipelines.add(pipeline_key=key, band=plan_pb2.BAND_WARM, rate_per_s=1.0)
+    target = plan.fusions.add(pipeline_key=key, fused_id=overlay, node_ids=[NODE])
+    target.pipeline.base_id = base
+    target.pipeline.loras.add(id=LORA, scale=0.6)
+
+    async def publish() -> None:
+        router.app.state.view.apply_plan(plan)
+
+    router.thread.call(publish())
+    before = router.stats()
+    result = router.stub.Generate(_request(base, loras), timeout=300).result
+    after = router.stats()
+    assert after.fused_rewrites == before.fused_rewrites + 1
+    assert after.hot_requests == before.hot_requests  # WARM: fused without being HOT
+    assert result.pipeline_key == key
+    kinds = {load.component_id: load.kind for load in result.loads}
+    assert kinds.get(overlay) == common_pb2.COMPONENT_KIND_FUSED
+    assert LORA not in kinds
+
+
 def test_router_answers_with_the_coordinator_stopped(mesh: ViewMesh) -> None:
     router = mesh.router
     request = _request("sd15-tiny-a")

@@ -115,6 +115,22 @@ def test_reported_load_and_room() -> None:
     assert m.table.busy()[m.table.row[("n1", "w1")]] == 3
 
 
+def test_a_finished_request_stops_counting_before_the_next_report() -> None:
+    m = Mesh()
+    m.report("n1", "w1", ("base", GPU, True, 2 * GB), ("lora", GPU, True, GB // 10))
+    m.report("n1", "", ("base", HOST, True, 2 * GB), ("lora", HOST, True, GB // 10))
+    # The holder's last report still shows the request that just returned its result.
+    m.view.apply(plan_pb2.ViewEvent(load=load("n1", "w1", queue=0, measured=1.0, free=20 * GB)))
+    row = m.table.row[("n1", "w1")]
+    assert m.table.busy()[row] == 1
+    assert m.placer.rank(shape()).first().key == ("n1", "w2")  # looks busy: its neighbour loads from HOST
+    m.table.finished(("n1", "w1"))
+    assert m.table.busy()[row] == 0
+    assert m.placer.rank(shape()).first().key == ("n1", "w1")  # idle and holding the pipeline
+    m.table.finished(("n1", "w1"))
+    assert m.table.busy()[row] == 0  # never below zero
+
+
 def test_memory_that_does_not_fit_makes_a_worker_ineligible() -> None:
     m = Mesh()
     big = plan_pb2.WorkerLoad(

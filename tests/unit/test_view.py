@@ -116,6 +116,23 @@ def test_a_stale_plan_is_ignored() -> None:
     view.apply(plan_pb2.ViewEvent(event_id="3-0", plan=plan(4, replicas=(("n2", "w1"),), fused="fused-x")))
     assert view.plan.version == 4 and view.plan.hot["base|lora@1.00|"].fused_id == "fused-x"
     assert "fused-x" in view.plan.pinned[("n2", "w1")]
+    assert view.plan.fused_id("base|lora@1.00|") == "fused-x"
+
+
+def test_fusion_targets_of_any_band_name_their_overlay() -> None:
+    view = View()
+    view.apply(snapshot_event())
+    assert view.plan.fused_id("base|lora@1.00|") == ""  # HOT but not fused
+    p = plan(4)
+    p.pipelines.add(pipeline_key="base|warm@0.50|", band=plan_pb2.BAND_WARM, rate_per_s=0.3)
+    target = p.fusions.add(pipeline_key="base|warm@0.50|", fused_id="fused-warm", node_ids=["n1"])
+    target.pipeline.base_id = "base"
+    target.pipeline.loras.add(id="warm", scale=0.5)
+    view.apply(plan_pb2.ViewEvent(event_id="2-0", plan=p))
+    assert view.plan.band("base|warm@0.50|") is Band.WARM
+    assert view.plan.fused_id("base|warm@0.50|") == "fused-warm"
+    assert "base|warm@0.50|" not in view.plan.hot and not view.plan.pinned  # fused, neither HOT nor pinned
+    assert view.plan.fused_id("base||") == ""
 
 
 def test_leaving_the_live_set_drops_copies_and_loads() -> None:

@@ -57,11 +57,54 @@ def test_bands_fusion_replicas_and_pins() -> None:
     for node in ("n0", "n1"):
         expected = ("B", "L1", "fused:B|L1@1.00|") if node in hosts else ()
         assert pinned[node] == expected
-    assert {n.node_id: n.fuse_pipeline_keys for n in decision.nodes if n.fuse_pipeline_keys} == {
-        node: ("B|L1@1.00|",) for node in hosts
+    # Every fusion target gets its nodes: the HOT one its replicas' nodes; the COLD one, whose base no
+    # node holds, the node with the fewest fusions (a tie here: the first node).
+    assert [(f.key, f.fused_id, f.node_ids) for f in decision.fusions] == [
+        ("B|L1@1.00|", "fused:B|L1@1.00|", ("n0", "n1")),
+        ("B|L2@0.50|C", "fused:B|L2@0.50|C", ("n0",)),
+    ]
+    assert hosts == {"n0", "n1"}
+    assert {n.node_id: n.fuse_pipeline_keys for n in decision.nodes} == {
+        "n0": ("B|L1@1.00|", "B|L2@0.50|C"),
+        "n1": ("B|L1@1.00|",),
     }
-    assert decision.admitted_ids == ("B", "L1", "W", "fused:B|L1@1.00|")
+    assert decision.admitted_ids == ("B", "L1", "W", "fused:B|L1@1.00|", "fused:B|L2@0.50|C")
     assert decision.cold_min_uses == 2
+
+
+def warm_with_loras() -> list[PipelineDemand]:
+    """One HOT pipeline without LoRAs, a WARM one with LoRAs, four COLD ones."""
+    return [
+        PipelineDemand("W||", 50.0, ("W",)),
+        PipelineDemand("B|L1@1.00|", 10.0, ("B", "L1"), ("L1",)),
+        *(PipelineDemand(f"{c}||", 1.0, (c,)) for c in ("C", "X", "Y", "Z")),
+    ]
+
+
+def test_a_warm_pipeline_with_loras_is_fused_on_the_node_holding_its_base() -> None:
+    decision = plan(inputs(pipelines=warm_with_loras(), holdings={"n1": {"B": Tier.SSD}}))
+    assert [(p.key, p.band) for p in decision.pipelines] == [("W||", Band.HOT), ("B|L1@1.00|", Band.WARM)]
+    assert decision.hot[0].fused_id == ""  # no LoRAs: nothing to fuse
+    assert [(f.key, f.fused_id, f.node_ids) for f in decision.fusions] == [("B|L1@1.00|", "fused:B|L1@1.00|", ("n1",))]
+    assert {n.node_id: n.fuse_pipeline_keys for n in decision.nodes} == {"n0": (), "n1": ("B|L1@1.00|",)}
+    assert "fused:B|L1@1.00|" in decision.admitted_ids
+    assert all("fused:B|L1@1.00|" not in n.pinned_ids for n in decision.nodes)  # only HOT replicas pin
+
+    # the base shows up on n0 as well: the target stays on n1, the plan does not change
+    both = {"n0": {"B": Tier.HOST}, "n1": {"B": Tier.SSD}}
+    again = plan(inputs(pipelines=warm_with_loras(), holdings=both, previous=decision))
+    assert again.signature() == decision.signature()
+    # without a previous plan every node holding the base derives it; with none holding it, the first node
+    assert plan(inputs(pipelines=warm_with_loras(), holdings=both)).fusions[0].node_ids == ("n0", "n1")
+    assert plan(inputs(pipelines=warm_with_loras())).fusions[0].node_ids == ("n0",)
+    # n1 left: its target moves to a live node
+    alone = plan(inputs(pipelines=warm_with_loras(), nodes=["n0"], workers=workers(1), previous=decision))
+    assert alone.fusions[0].node_ids == ("n0",)
+
+
+def test_no_fusion_without_top_k() -> None:
+    decision = plan(inputs(pipelines=warm_with_loras()), PlannerSettings(fusion_top_k=0))
+    assert decision.fusions == () and all(not n.fuse_pipeline_keys for n in decision.nodes)
 
 
 def test_pin_budget_limits_replicas() -> None:

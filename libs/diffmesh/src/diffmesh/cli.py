@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("diffmesh.launcher.cli", "run the whole mesh locally and send demo requests"),
     "demo-models": ("diffmesh.demo.cli", "write random-weight tiny demo models and a catalog manifest"),
     "sim": ("diffmesh.sim.cli", "replay a trace through the simulator and compare systems"),
+    "replay": ("diffmesh.replay.cli", "replay a trace through a local mesh per policy and compare"),
     "trace": ("diffmesh.trace.cli", "workload facts of a trace (`diffmesh trace stats`)"),
     "config": ("diffmesh.config_cli", "print the configuration reference (environment variables) as markdown"),
 }

@@ -2,7 +2,7 @@
 
 :class:`View` is the state and its apply logic (no I/O): the live nodes and workers with
 their addresses, every reporter's copies indexed by component, each worker's last
-reported load, and the current plan (bands per pipeline key, HOT replicas, fused ids).
+reported load, and the current plan (bands per pipeline key, HOT replicas, fused overlay ids).
 :class:`ViewReplica` follows the stream into a :class:`View`: the first event of a watch
 is a snapshot that replaces the state (so is every later snapshot: the coordinator sends
 one after a gap), then every residency, load, plan and live-set change is applied in
@@ -110,10 +110,16 @@ class PlanEntry:
     pinned: Mapping[WorkerKey, frozenset[str]] = field(default_factory=dict)
     """Per replica worker, the component ids of the HOT pipelines it keeps built."""
     proto: plan_pb2.Plan = field(default_factory=plan_pb2.Plan)
+    fused: Mapping[str, str] = field(default_factory=dict)
+    """Pipeline key → id of its FUSED overlay, for every fusion target (``plan.fusions``) and fused HOT pipeline."""
 
     def band(self, pipeline_key: str) -> Band:
         """The band of ``pipeline_key`` (COLD when the plan does not list it)."""
         return self.bands.get(pipeline_key, Band.COLD)
+
+    def fused_id(self, pipeline_key: str) -> str:
+        """The FUSED overlay the plan runs ``pipeline_key`` as; empty: not fused."""
+        return self.fused.get(pipeline_key, "")
 
     @classmethod
     def from_proto(cls, plan: plan_pb2.Plan) -> PlanEntry:
@@ -136,6 +142,8 @@ class PlanEntry:
         for key in hot:
             bands[key] = Band.HOT
         pool = frozenset(w for h in hot.values() for w in h.replicas)
+        fused = {f.pipeline_key: f.fused_id for f in plan.fusions if f.pipeline_key and f.fused_id}
+        fused.update((h.pipeline_key, h.fused_id) for h in hot.values() if h.fused_id)
         return cls(
             plan.version,
             from_proto(plan.mode),
@@ -144,6 +152,7 @@ class PlanEntry:
             pool,
             {w: frozenset(ids) for w, ids in pinned.items()},
             plan,
+            fused,
         )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from diffmesh.pipeline_key import parse_key
-from diffmesh.policy.planner import BandedPipeline, HotPlacement, NodePlan, PlanDecision
+from diffmesh.policy.planner import BandedPipeline, FusionPlacement, HotPlacement, NodePlan, PlanDecision
 from diffmesh.policy.popularity import Band
 from diffmesh.policy_mode import PolicyMode, to_proto
 from diffmesh.v1 import common_pb2, plan_pb2
@@ -22,6 +22,13 @@ def pipeline_spec(pipeline_key: str) -> common_pb2.PipelineSpec:
     )
 
 
+def fusion_spec(pipeline_key: str) -> common_pb2.PipelineSpec:
+    """What a fusion target fuses: the base and LoRAs of ``pipeline_key`` (its ControlNets are not fused)."""
+    spec = pipeline_spec(pipeline_key)
+    spec.ClearField("controlnets")
+    return spec
+
+
 def plan_message(
     decision: PlanDecision | None, mode: PolicyMode, version: int, created_unix: float, decay_per_s: float
 ) -> plan_pb2.Plan:
@@ -37,6 +44,9 @@ def plan_message(
         entry.pipeline.CopyFrom(pipeline_spec(h.key))
         for node_id, worker_id in h.replicas:
             entry.replicas.add(node_id=node_id, worker_id=worker_id)
+    for f in decision.fusions:
+        target = plan.fusions.add(pipeline_key=f.key, fused_id=f.fused_id, node_ids=f.node_ids)
+        target.pipeline.CopyFrom(fusion_spec(f.key))
     for p in decision.pipelines:
         plan.pipelines.add(
             pipeline_key=p.key, band=_BANDS[p.band], rate_per_s=p.count * decay_per_s, component_ids=p.component_ids
@@ -68,7 +78,7 @@ def plan_signature(plan: plan_pb2.Plan) -> bytes:
 
 
 def decision_of(plan: plan_pb2.Plan, decay_per_s: float) -> PlanDecision:
-    """What the planner needs of a stored plan for its next pass (replicas, HOT set, bands, nodes).
+    """What the planner needs of a stored plan for its next pass (replicas, HOT set, bands, nodes, fusion nodes).
 
     The WARM prefetch picks' nodes are not in a Plan; they are chosen afresh.
     """
@@ -95,4 +105,6 @@ def decision_of(plan: plan_pb2.Plan, decay_per_s: float) -> PlanDecision:
         scale_out=plan.scaling.scale_out,
         preferred_nodes=tuple(plan.scaling.preferred_nodes),
         load_per_worker=plan.scaling.load_per_worker,
+        fused_keys=tuple(f.pipeline_key for f in plan.fusions),
+        fusions=tuple(FusionPlacement(f.pipeline_key, f.fused_id, tuple(f.node_ids)) for f in plan.fusions),
     )

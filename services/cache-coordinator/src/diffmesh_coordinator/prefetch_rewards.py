@@ -1,13 +1,19 @@
 """The WARM prefetch bandit of the planning coordinator, and its rewards from residency reports.
 
-Picks: :class:`~diffmesh.policy.prefetch.BanditPrefetcher` chooses, once per time-of-day
-bucket (and again when every pick left the WARM band), which WARM pipelines to prefetch;
-the planner places them on nodes. Rewards: for each prefetched copy (node, component) the
-tracker watches that node's HOST residency as the view stream reports it. The last use
-reported when the copy first shows up in HOST is its baseline; a later report of the same
-copy with a newer last use (a re-report, or the report of its eviction, which carries its
-last use) is a *hit*; an eviction without a newer use is a *miss*. A copy that never
-arrives within ``give_up_s`` is forgotten without a reward.
+Picks: :class:`~diffmesh.policy.prefetch.BanditPrefetcher` chooses which WARM pipelines to
+prefetch, at most ``per_bucket`` at a time; the planner places them on nodes. A new
+time-of-day bucket starts from no picks. Within a bucket, picks that are still WARM stay
+(so the plan, and its version, stay the same while nothing changes), and whenever a slot
+is free and the WARM set offers pipelines not picked — the bucket's first plan, WARM
+pipelines that appear later (a cold start), a pick that left the band — the bandit selects
+among those for the free slots at once, not at the next bucket.
+
+Rewards: for each prefetched copy (node, component) the tracker watches that node's HOST
+residency as the view stream reports it. The last use reported when the copy first shows
+up in HOST is its baseline; a later report of the same copy with a newer last use (a
+re-report, or the report of its eviction, which carries its last use) is a *hit*; an
+eviction without a newer use is a *miss*. A copy that never arrives within ``give_up_s``
+is forgotten without a reward.
 
 State lives in this coordinator's memory: when another replica takes over planning, the
 bandit starts again from its prior (a few buckets of learning lost, nothing wrong done).
@@ -45,23 +51,29 @@ class PrefetchRewards:
         self.bandit: BanditPrefetcher[str] = BanditPrefetcher(seed=seed)
         self.bucket = -1
         self.picks: list[str] = []
+        """The current bucket's picks that were still WARM at the last plan, in pick order."""
         self.outstanding: dict[tuple[str, str], _Outstanding] = {}
         self.hits = 0
         self.misses = 0
 
     def chooser(self, now: float) -> Callable[[Sequence[str]], Sequence[str]]:
-        """The planner's ``choose_prefetch`` at ``now``: stable picks within a bucket."""
+        """The planner's ``choose_prefetch`` at ``now``: stable picks, free slots filled from new WARM pipelines."""
         bucket = time_bucket(now, self.bucket_s)
 
         def choose(warm: Sequence[str]) -> Sequence[str]:
             if self.per_bucket <= 0:
                 return []
-            still = [k for k in self.picks if k in warm]
-            if bucket != self.bucket or not still:
+            if bucket != self.bucket:
                 self.bucket = bucket
-                self.picks = self.bandit.select(bucket, list(warm), self.per_bucket)
-                still = list(self.picks)
-            return still
+                self.picks = []
+            offered = set(warm)
+            picks = [k for k in self.picks if k in offered]
+            free = self.per_bucket - len(picks)
+            others = [k for k in warm if k not in picks]
+            if free > 0 and others:
+                picks += self.bandit.select(bucket, others, free)
+            self.picks = picks
+            return list(picks)
 
         return choose
 

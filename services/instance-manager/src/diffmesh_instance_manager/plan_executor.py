@@ -8,9 +8,10 @@ ours) says what to do:
   those copies are never evicted from SSD or HOST while the plan holds;
 * ``prefetch_ids`` start background HOST loads, the Prefetch RPC's path (ids already
   resident or loading are skipped);
-* ``fuse_pipeline_keys`` name HOT pipelines (``plan.hot``) whose FUSED overlay this node
-  keeps HOST-resident: the Fuse RPC's work runs in the background, once per overlay
-  (an overlay already HOST-resident, or being fused, is left alone).
+* ``fuse_pipeline_keys`` name fusion targets (``plan.fusions``, else HOT pipelines of
+  ``plan.hot``) whose FUSED overlay this node keeps HOST-resident: the Fuse RPC's work
+  runs in the background, once per overlay (an overlay already HOST-resident, or being
+  fused, is left alone).
 
 The plan's ``AdmissionRule`` becomes the HOST tier's COLD admission rule (:mod:`.admission`).
 
@@ -118,13 +119,14 @@ class PlanExecutor:
         return started
 
     def _fuse(self, plan: plan_pb2.Plan, keys: list[str]) -> int:
-        """Starts the background fusion of each HOT pipeline in ``keys`` whose overlay is not here yet; returns how many."""
-        hot = {h.pipeline_key: h for h in plan.hot}
+        """Starts the background fusion of each fusion target in ``keys`` whose overlay is not here yet; returns how many."""
+        targets: dict[str, plan_pb2.FusionTarget | plan_pb2.HotPipelinePlan] = {h.pipeline_key: h for h in plan.hot}
+        targets.update((f.pipeline_key, f) for f in plan.fusions)
         started = 0
         for key in dict.fromkeys(keys):
-            target = hot.get(key)
+            target = targets.get(key)
             if target is None:
-                log.warning("plan fusion skipped: not a HOT pipeline of the plan", extra={"version": plan.version, "key": key})
+                log.warning("plan fusion skipped: not a fusion target of the plan", extra={"version": plan.version, "key": key})
                 continue
             spec = target.pipeline
             loras = [(ref.id, round(float(ref.scale), 6)) for ref in spec.loras]

@@ -222,6 +222,7 @@ class RouterApp:
             if event.HasField("result"):
                 state.learned.learn(target.key, event.result, shape.units)
                 state.table.learned_changed(target.key)
+                state.table.finished(target.key)
                 _complete(event.result, request_id, key, target, time.monotonic() - started)
                 got_result = True
             yield event
@@ -241,9 +242,9 @@ class RouterApp:
         run_pipeline = pipeline
         ids = component_ids(pipeline)
         sizes = {cid: rec.bytes for cid, rec in records.items()}
-        hot = state.view.plan.hot.get(key) if self.mode is PolicyMode.DIFFMESH and pipeline.loras else None
-        if hot is not None and hot.fused_id:
-            fused = await state.catalog.find(hot.fused_id)
+        fused_id = state.view.plan.fused_id(key) if self.mode is PolicyMode.DIFFMESH and pipeline.loras else ""
+        if fused_id:
+            fused = await state.catalog.find(fused_id)
             overlay_base = (fused.base_id or pipeline.base_id) if fused is not None else ""
             if fused is not None and fused.kind == common_pb2.COMPONENT_KIND_FUSED and overlay_base in records:
                 # The worker runs the overlay as the base (its base shares VAE and text encoder); ControlNets stay.

@@ -193,6 +193,19 @@ class WorkerTable:
             else:
                 self.unreported[i] = min(self.unreported[i], count)
 
+    def finished(self, key: WorkerKey) -> None:
+        """A request this router sent to ``key`` returned its result.
+
+        The worker's last load report most likely still counts that request (its next
+        report travels through the coordinator and arrives after the result), so the
+        reported count is lowered by one until that report replaces it. Without this a
+        worker that has just finished looks busy, and the next request of a sequential
+        client goes to a worker that must load the pipeline first.
+        """
+        i = self.row.get(key)
+        if i is not None:
+            self.reported_busy[i] = max(0.0, self.reported_busy[i] - 1.0)
+
     def learned_changed(self, key: WorkerKey) -> None:
         """A finished request on ``key`` updated the learned means."""
         i = self.row.get(key)

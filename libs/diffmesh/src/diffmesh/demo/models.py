@@ -2,8 +2,11 @@
 
 Every model has the SD1.5 architecture at toy width (UNet/VAE channels (32, 64),
 cross-attention 32, a 5-layer CLIP text encoder of width 32) so that the whole set is
-written in a few seconds on a laptop CPU. Weights come from fixed seeds and are saved
-in fp32 safetensors, so two runs produce byte-identical files and digests.
+written in a few seconds on a laptop CPU. The builders take a ``width`` (UNet channels
+``(width, 2 * width)``) and a LoRA ``rank`` so that other model sets (``diffmesh replay``)
+can scale sizes with real model width and adapter rank; the defaults give the demo set.
+Weights come from fixed seeds and are saved in fp32 safetensors, so two runs produce
+byte-identical files and digests.
 
 Layout under ``root``::
 
@@ -97,16 +100,22 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_unet(seed: int) -> UNet:
-    """A random-weight SD1.5-shaped UNet at toy width."""
+UNET_WIDTH = 32
+"""Channels of the UNet's first block (the second has twice as many); a multiple of 32 (group norm)."""
+
+
+def build_unet(seed: int, width: int = UNET_WIDTH) -> UNet:
+    """A random-weight SD1.5-shaped UNet with block channels ``(width, 2 * width)``."""
     from diffusers import UNet2DConditionModel
 
+    if width < 32 or width % 32:
+        raise ValueError(f"UNet width must be a positive multiple of 32, got {width}")
     _seed(seed)
     return UNet2DConditionModel(
         sample_size=32,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=(width, 2 * width),
         layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -116,12 +125,12 @@ def build_unet(seed: int) -> UNet:
     )
 
 
-def build_pipeline(seed: int) -> Pipeline:
-    """A complete random-weight tiny ``StableDiffusionPipeline`` (fp32, no safety checker)."""
+def build_pipeline(seed: int, width: int = UNET_WIDTH) -> Pipeline:
+    """A complete random-weight tiny ``StableDiffusionPipeline`` (fp32, no safety checker); ``width``: its UNet's."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet = build_unet(seed)
+    unet = build_unet(seed, width)
     _seed(seed + 1)
     vae = AutoencoderKL(
         in_channels=3,
@@ -172,11 +181,14 @@ def build_pipeline(seed: int) -> Pipeline:
     )
 
 
-def lora_config() -> Any:
-    """The peft ``LoraConfig`` of every demo LoRA (non-zero init, alpha/r = 2)."""
+def lora_config(rank: int = LORA_RANK) -> Any:
+    """The peft ``LoraConfig`` of a demo LoRA of ``rank`` (non-zero init, alpha/r = 2 as in the demo set)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, init_lora_weights=False, target_modules=list(LORA_TARGETS))
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+    alpha = LORA_ALPHA * rank // LORA_RANK
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=list(LORA_TARGETS))
 
 
 def lora_metadata(cfg: Any) -> dict[str, Any]:
@@ -190,13 +202,13 @@ def lora_metadata(cfg: Any) -> dict[str, Any]:
     return metadata
 
 
-def write_lora(unet: UNet, seed: int, path: Path) -> None:
-    """Attach a random LoRA to ``unet``, save it as a diffusers LoRA file, then detach it."""
+def write_lora(unet: UNet, seed: int, path: Path, rank: int = LORA_RANK) -> None:
+    """Attach a random LoRA of ``rank`` to ``unet``, save it as a diffusers LoRA file, then detach it."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    cfg = lora_config()
+    cfg = lora_config(rank)
     _seed(seed)
     unet.add_adapter(cfg, adapter_name="demo")
     try:
@@ -291,7 +303,7 @@ def write_demo_models(root: Path, *, force: bool = False, progress: Progress | N
             say(f"demo models in {root} are up to date")
             return catalog_path
         say("importing torch and diffusers")
-        with _quiet_progress_bars():
+        with quiet_progress_bars():
             _write_all(root, say)
         catalog = {"components": [catalog_entry(root, model) for model in demo_models()]}
         tmp = catalog_path.with_suffix(".json.tmp")
@@ -313,7 +325,7 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
+def quiet_progress_bars() -> Iterator[None]:
     """Hide transformers' per-save "Writing model shards" bars, restoring the setting after."""
     from transformers.utils import logging as hf_logging
 

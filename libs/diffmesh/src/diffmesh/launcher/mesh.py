@@ -7,9 +7,17 @@
 
 Start order: Redis (unless ``REDIS_URL``), the OTLP collector (unless
 ``OTEL_EXPORTER_OTLP_ENDPOINT``), demo models (when missing), the coordinator (with the
-catalog), then the instance manager, the workers and the router together; ready means
+catalog), then the instance managers, the workers and the router together; ready means
 every health service answers SERVING and the coordinator lists every worker. Stop runs in
 reverse order and reports orphans and leaked shared-memory segments.
+
+The topology is ``nodes`` x ``workers`` (default one node, ``node_id``, as ``diffmesh run``
+starts it). With several nodes, node ``i`` is ``<node_prefix>-<i>`` (default ``node-<i>``)
+with its own instance manager, SSD folder and HOST pool, and workers are numbered across
+the mesh (``worker-1`` …), so a worker id names one worker even without its node.
+``env`` goes to every service and ``service_env`` to one role (``coordinator``,
+``instance-manager``, ``worker``, ``router``), after the launcher's own settings, so it
+can override them.
 """
 
 from __future__ import annotations
@@ -58,6 +66,35 @@ class MeshConfig:
     startup_timeout_s: float = 180.0
     stop_grace_s: float = 20.0
     progress: Progress = field(default=stderr_progress)
+    nodes: int = 1
+    """Nodes, each with its own instance manager and ``workers`` workers."""
+    node_prefix: str = "node"
+    """With several nodes, node ``i`` is ``<node_prefix>-<i>`` (an instance manager owns its node id on the host)."""
+    ssd_capacity_bytes: int = 0
+    """SSD tier capacity of each instance manager; 0: its own default (unbounded)."""
+    worker_cache_bytes: int = 0
+    """Device-tier budget of each worker; 0: its own default."""
+    catalog: Path | None = None
+    """A catalog manifest to register instead of ``models_dir/catalog.json`` (no demo models are written)."""
+    allowed_roots: list[str] | None = None
+    """The instance managers' ``ALLOWED_ROOTS``; None: ``models_dir``."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of every service (e.g. ``DIFFMESH_POLICY``)."""
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Extra environment per role: ``coordinator``, ``instance-manager``, ``worker``, ``router``."""
+    collect_spans: bool = True
+    """False: with no endpoint configured, start no collector and export no spans (saves CPU on long runs)."""
+
+    def node_ids(self) -> list[str]:
+        """The node ids: ``[node_id]`` for one node, else ``<node_prefix>-1`` … ``<node_prefix>-<nodes>``."""
+        if self.nodes <= 1:
+            return [self.node_id]
+        return [f"{self.node_prefix}-{i}" for i in range(1, self.nodes + 1)]
+
+    @property
+    def total_workers(self) -> int:
+        """Workers in the whole mesh."""
+        return self.workers * max(1, self.nodes)
 
 
 def ensure_demo_models(models_dir: Path, progress: Progress) -> Path:
@@ -123,8 +160,16 @@ class LocalMesh:
 
     @property
     def instance_manager_address(self) -> str:
-        """``host:port`` of the instance manager."""
-        return self._process("instance-manager").address
+        """``host:port`` of the (first node's) instance manager."""
+        return next(iter(self.instance_manager_addresses().values()))
+
+    def instance_manager_addresses(self) -> dict[str, str]:
+        """Node id → ``host:port`` of its instance manager."""
+        return {
+            p.spec.env.get("DIFFMESH_IM_NODE_ID", p.name): p.address
+            for p in self.processes
+            if p.spec.script == "diffmesh-instance-manager"
+        }
 
     def worker_addresses(self) -> dict[str, str]:
         """Worker id → ``host:port``."""
@@ -160,19 +205,30 @@ class LocalMesh:
         if endpoint:
             self.otlp_endpoint = endpoint
             say(f"traces: exporting to {endpoint} (OTEL_EXPORTER_OTLP_ENDPOINT)")
+        elif not self.config.collect_spans:
+            say("traces: off")
         else:
             self.collector = SpanCollector().start()
             self.otlp_endpoint = self.collector.endpoint
             say(f"traces: in-process OTLP collector at {self.otlp_endpoint}")
 
-        self.catalog_path = ensure_demo_models(self.models_dir, say)
+        if self.config.catalog is not None:
+            self.catalog_path = self.config.catalog.resolve()
+            say(f"catalog: {self.catalog_path}")
+        else:
+            self.catalog_path = ensure_demo_models(self.models_dir, say)
         base_env = self._base_env()
 
         coordinator = self._spawn(self._coordinator_spec(), base_env)
         self._wait_ready(coordinator)
-        later = [self._im_spec(coordinator.address)]
-        im_address = later[0].address
-        later += [self._worker_spec(i, coordinator.address, im_address) for i in range(1, self.config.workers + 1)]
+        later: list[ServiceSpec] = []
+        index = 0
+        for node_id in self.config.node_ids():
+            im = self._im_spec(coordinator.address, node_id)
+            later.append(im)
+            for _ in range(self.config.workers):
+                index += 1
+                later.append(self._worker_spec(index, coordinator.address, im.address, node_id))
         later.append(self._router_spec(coordinator.address))
         for proc in [self._spawn(spec, base_env) for spec in later]:
             self._wait_ready(proc)
@@ -191,7 +247,11 @@ class LocalMesh:
                 "TRANSFORMERS_OFFLINE": "1",
             }
         )
+        env.update(self.config.env)
         return env
+
+    def _with_role_env(self, role: str, env: dict[str, str]) -> dict[str, str]:
+        return {**env, **self.config.service_env.get(role, {})}
 
     def _common(self, prefix: str, port: int) -> dict[str, str]:
         return {f"{prefix}HOST": "127.0.0.1", f"{prefix}PORT": str(port), f"{prefix}GRACE_SECONDS": "5"}
@@ -199,29 +259,34 @@ class LocalMesh:
     def _coordinator_spec(self) -> ServiceSpec:
         port, p = free_port(), "DIFFMESH_COORDINATOR_"
         env = {**self._common(p, port), f"{p}REDIS_URL": self.redis_url, f"{p}CATALOG": str(self.catalog_path)}
-        return ServiceSpec("coordinator", "diffmesh-coordinator", port, env)
+        return ServiceSpec("coordinator", "diffmesh-coordinator", port, self._with_role_env("coordinator", env))
 
-    def _im_spec(self, coordinator: str) -> ServiceSpec:
+    def _im_spec(self, coordinator: str, node_id: str) -> ServiceSpec:
         port, p = free_port(), "DIFFMESH_IM_"
+        single = self.config.nodes <= 1
+        roots = self.config.allowed_roots if self.config.allowed_roots is not None else [str(self.models_dir)]
         env = {
             **self._common(p, port),
-            f"{p}NODE_ID": self.config.node_id,
+            f"{p}NODE_ID": node_id,
             f"{p}COORDINATOR": coordinator,
             f"{p}ADVERTISE_HOST": "127.0.0.1",
-            f"{p}SSD_DIR": str(self.run_dir / "ssd"),
-            f"{p}ALLOWED_ROOTS": json.dumps([str(self.models_dir)]),
+            f"{p}SSD_DIR": str(self.run_dir / "ssd" if single else self.run_dir / "ssd" / node_id),
+            f"{p}ALLOWED_ROOTS": json.dumps(roots),
         }
         if f"{p}HOST_CAPACITY_BYTES" not in os.environ:
             # A pre-allocated HOST pool, so local runs take the O_DIRECT → pool path.
             env[f"{p}HOST_CAPACITY_BYTES"] = str(self.config.host_pool_bytes)
-        return ServiceSpec("instance-manager", "diffmesh-instance-manager", port, env)
+        if self.config.ssd_capacity_bytes > 0:
+            env[f"{p}SSD_CAPACITY_BYTES"] = str(self.config.ssd_capacity_bytes)
+        name = "instance-manager" if single else f"instance-manager-{node_id}"
+        return ServiceSpec(name, "diffmesh-instance-manager", port, self._with_role_env("instance-manager", env))
 
-    def _worker_spec(self, index: int, coordinator: str, instance_manager: str) -> ServiceSpec:
+    def _worker_spec(self, index: int, coordinator: str, instance_manager: str, node_id: str) -> ServiceSpec:
         port, p = free_port(), "DIFFMESH_WORKER_"
         env = {
             **self._common(p, port),
             f"{p}WORKER_ID": f"worker-{index}",
-            f"{p}NODE_ID": self.config.node_id,
+            f"{p}NODE_ID": node_id,
             f"{p}COORDINATOR": coordinator,
             f"{p}INSTANCE_MANAGER": instance_manager,
             f"{p}ADVERTISE_HOST": "127.0.0.1",
@@ -230,12 +295,15 @@ class LocalMesh:
         if f"{p}TORCH_THREADS" not in os.environ:
             # Share the cores between the workers: oversubscribed torch/OpenMP threads spin
             # and make CPU denoising several times slower.
-            env[f"{p}TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.config.workers))
-        return ServiceSpec(f"worker-{index}", "diffmesh-worker", port, env)
+            env[f"{p}TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.config.total_workers))
+        if self.config.worker_cache_bytes > 0:
+            env[f"{p}CACHE_BYTES"] = str(self.config.worker_cache_bytes)
+        return ServiceSpec(f"worker-{index}", "diffmesh-worker", port, self._with_role_env("worker", env))
 
     def _router_spec(self, coordinator: str) -> ServiceSpec:
         port, p = free_port(), "DIFFMESH_ROUTER_"
-        return ServiceSpec("router", "diffmesh-router", port, {**self._common(p, port), f"{p}COORDINATOR": coordinator})
+        env = {**self._common(p, port), f"{p}COORDINATOR": coordinator}
+        return ServiceSpec("router", "diffmesh-router", port, self._with_role_env("router", env))
 
     def _spawn(self, spec: ServiceSpec, base_env: dict[str, str]) -> ChildProcess:
         proc = ChildProcess(spec, self.log_dir, base_env)
@@ -247,7 +315,7 @@ class LocalMesh:
         self.config.progress(f"{proc.name}: SERVING on {proc.address} (pid {proc.pid}, {waited:.1f} s)")
 
     def _wait_workers_registered(self) -> None:
-        want = self.config.workers
+        want = self.config.total_workers
         deadline = time.monotonic() + self.config.startup_timeout_s
         seen = -1
         with grpc.insecure_channel(self.coordinator_address) as channel:
@@ -290,8 +358,8 @@ class LocalMesh:
                 proc.terminate()
             for proc in stages.get(key, []):
                 problems += proc.wait_stopped(self.config.stop_grace_s)
-        # Only segments of our node that were not there before: other meshes may share /dev/shm.
-        ours = node_prefix(self.config.node_id)
+        # Only segments of our nodes that were not there before: other meshes may share /dev/shm.
+        ours = tuple(node_prefix(node_id) for node_id in self.config.node_ids())
         leaked = sorted(s for s in shm_segments() - self._shm_before if s.startswith(ours))
         if leaked:
             problems.append(f"leaked shared-memory segments (removed now): {', '.join(leaked)}")

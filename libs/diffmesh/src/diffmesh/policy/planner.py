@@ -6,14 +6,15 @@ replica placement. Steps, each a policy of this package:
 
 1. bands of the ranked pipelines (:func:`~diffmesh.policy.popularity.assign_bands`, with
    hysteresis against the previous HOT set);
-2. fusion targets: the top-K pipelines with LoRAs (:func:`~diffmesh.policy.fusion_plan.plan_fusion`);
-   a HOT one gets a FUSED overlay, so its replicas hold base + overlay instead of base +
-   LoRAs (:func:`~diffmesh.policy.fusion_plan.overlay_bytes`);
+2. fusion targets: the top-K pipelines with LoRAs, whatever their band
+   (:func:`~diffmesh.policy.fusion_plan.plan_fusion`); each gets a FUSED overlay, and a HOT
+   one's replicas hold base + overlay instead of base + LoRAs
+   (:func:`~diffmesh.policy.fusion_plan.overlay_bytes`);
 3. HOT replicas over the live workers (:func:`~diffmesh.policy.replicas.plan_hot_replicas`),
    each worker pinning at most ``pin_budget_fraction`` of its device memory, previous
    replicas kept (persistence);
-4. per node: pins (the components of the HOT replicas on its workers), the HOT fused
-   pipelines it derives, and the WARM prefetch picks placed on it (the picks come from the
+4. per node: pins (the components of the HOT replicas on its workers), the fusion targets
+   it derives (:func:`place_fusions`), and the WARM prefetch picks placed on it (the picks come from the
    caller's bandit, :class:`~diffmesh.policy.prefetch.BanditPrefetcher`; a pick goes to the
    node whose tiers hold most of its bytes, and stays there while that node lives);
 5. COLD admission: components of HOT and WARM pipelines are always admitted, others only
@@ -107,6 +108,15 @@ class HotPlacement:
 
 
 @dataclass(frozen=True)
+class FusionPlacement:
+    """A fusion target: a top-K pipeline with LoRAs and the nodes that derive its FUSED overlay."""
+
+    key: str
+    fused_id: str
+    node_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class BandedPipeline:
     """A HOT or WARM pipeline as the plan saw it."""
 
@@ -140,9 +150,11 @@ class PlanDecision:
     preferred_nodes: tuple[str, ...] = ()
     load_per_worker: float = 0.0
     fused_keys: tuple[str, ...] = ()
-    """Every fusion target (top-K with LoRAs); only the HOT ones are fused by nodes."""
+    """Every fusion target (top-K with LoRAs), most popular first."""
     prefetch_homes: tuple[tuple[str, str], ...] = ()
     """``(pipeline key, node id)`` of each WARM prefetch pick."""
+    fusions: tuple[FusionPlacement, ...] = ()
+    """The fusion targets of ``fused_keys`` with the nodes that derive them."""
 
     def signature(self) -> tuple[object, ...]:
         """The decision without its measurements (counts, shares, load): equal signatures, same plan."""
@@ -154,6 +166,7 @@ class PlanDecision:
             self.cold_min_uses,
             self.scale_out,
             self.preferred_nodes,
+            self.fusions,
         )
 
     def replicas(self) -> dict[str, tuple[WorkerKey, ...]]:
@@ -238,6 +251,42 @@ def _home_node(
     return best or nodes[zlib.crc32(p.base_id.encode()) % len(nodes)]
 
 
+def place_fusions(
+    targets: Sequence[PipelineDemand],
+    nodes: Sequence[str],
+    hot: Sequence[HotPlacement],
+    holders: Callable[[str], tuple[str, ...]],
+    previous: Sequence[FusionPlacement],
+    fused_id_of: Callable[[str], str],
+) -> tuple[FusionPlacement, ...]:
+    """The nodes that derive each fusion target's overlay (``targets`` most popular first).
+
+    A HOT target with replicas: the nodes of its replicas. Any other: the live nodes the
+    previous plan gave it (so a plan does not move with every residency report), else the
+    nodes whose SSD/HOST tiers hold its base, else the node with the fewest fusions so far
+    (ties: node order). No live node: no fusion.
+    """
+    order = {n: i for i, n in enumerate(nodes)}
+    if not order:
+        return ()
+    replica_nodes = {h.key: {n for n, _ in h.replicas} for h in hot}
+    before = {f.key: f.node_ids for f in previous}
+    assigned = dict.fromkeys(nodes, 0)
+    placed: list[FusionPlacement] = []
+    for p in targets:
+        chosen = tuple(n for n in nodes if n in replica_nodes.get(p.key, ()))
+        if not chosen:
+            chosen = tuple(n for n in before.get(p.key, ()) if n in order)
+        if not chosen:
+            chosen = holders(p.base_id)
+        if not chosen:
+            chosen = (min(nodes, key=lambda n: (assigned[n], order[n])),)
+        for n in chosen:
+            assigned[n] += 1
+        placed.append(FusionPlacement(p.key, fused_id_of(p.key), chosen))
+    return tuple(placed)
+
+
 def plan(inputs: PlanInputs, settings: PlannerSettings | None = None) -> PlanDecision:
     """One planning pass (see the module docstring)."""
     settings = settings or PlannerSettings()
@@ -281,13 +330,16 @@ def plan(inputs: PlanInputs, settings: PlannerSettings | None = None) -> PlanDec
     )
 
     pinned: dict[str, set[str]] = {n: set() for n in nodes}
-    fuse_keys: dict[str, set[str]] = {n: set() for n in nodes}
     for h in hot_plan:
         for node_id, _ in h.replicas:
             pinned[node_id].update(h.component_ids)
             if h.fused_id:
                 pinned[node_id].add(h.fused_id)
-                fuse_keys[node_id].add(h.key)
+    fusions = place_fusions([by_key[k] for k in fused_keys], nodes, hot_plan, holders, previous.fusions, inputs.fused_id_of)
+    fuse_keys: dict[str, set[str]] = {n: set() for n in nodes}
+    for f in fusions:
+        for node_id in f.node_ids:
+            fuse_keys[node_id].add(f.key)
 
     prefetch: dict[str, set[str]] = {n: set() for n in nodes}
     homes: list[tuple[str, str]] = []
@@ -307,7 +359,8 @@ def plan(inputs: PlanInputs, settings: PlannerSettings | None = None) -> PlanDec
     node_plans = tuple(
         NodePlan(n, tuple(sorted(pinned[n])), tuple(sorted(prefetch[n])), tuple(sorted(fuse_keys[n]))) for n in nodes
     )
-    admitted = {c for p in (*hot, *warm) for c in p.component_ids} | {h.fused_id for h in hot_plan if h.fused_id}
+    admitted = {c for p in (*hot, *warm) for c in p.component_ids} | {f.fused_id for f in fusions if f.fused_id}
+    admitted |= {h.fused_id for h in hot_plan if h.fused_id}
 
     workers = inputs.workers
     load_per_worker = sum(w.load for w in workers) / len(workers) if workers else 0.0
@@ -328,4 +381,5 @@ def plan(inputs: PlanInputs, settings: PlannerSettings | None = None) -> PlanDec
         load_per_worker=load_per_worker,
         fused_keys=fused_keys,
         prefetch_homes=tuple(homes),
+        fusions=fusions,
     )
