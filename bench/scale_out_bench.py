@@ -1,4 +1,5 @@
-"""Scale-out benchmark: a new worker on a node whose HOST tier holds a HOT pipeline vs on a cold node.
+"""Scale-out benchmark: a new worker on a node whose HOST tier holds a HOT pipeline (a new process, or a
+warm standby activated) vs on a cold node.
 
 Usage (see bench/README.md)::
 
@@ -14,13 +15,16 @@ components are in HOST), as the coordinator's plan does for a HOT pipeline.
 Then, ``--repeats`` times and alternating:
 
 A. warm node: a new worker process on the warm node;
+A'. warm node, standby: a worker process started beforehand with ``DIFFMESH_WORKER_STANDBY=true``
+   (its start → standby-ready is timed apart, not in the total), then activated with
+   ``WorkerService.Activate`` under the sample's worker id: timed from the Activate call;
 B. cold node: a new instance manager (a new node id, empty SSD folder, empty HOST pool,
    peer copies off so the bytes come from REMOTE; the REMOTE files' page cache dropped
    with ``posix_fadvise(DONTNEED)``) and a new worker process on it.
 
-Each worker is timed from the process start to health SERVING, and from SERVING to the
-result of its first ``WorkerService.Run`` of the pipeline, sent directly (no router:
-the worker alone is measured). The tier each component came from is read from the
+Each worker is timed from the process start (A', the Activate call) to health SERVING, and
+from SERVING to the result of its first ``WorkerService.Run`` of the pipeline, sent
+directly (no router: the worker alone is measured). The tier each component came from is read from the
 result's ``ComponentLoad.source_tier``. Every process is stopped at the end and the
 shared-memory segments of the bench's nodes are checked for leaks, as the launcher does.
 Nothing gates on time: the 2 s target is printed as met / not met.
@@ -74,9 +78,13 @@ HEALTH_OPTIONS = [
 HEALTH_POLL_S = 0.05
 ROUTES = {
     "A": "warm node: a new worker, the pipeline HOT in its node's HOST tier",
+    "A_standby": "warm node: a standby worker (started beforehand, not timed) activated, the pipeline HOT in HOST",
     "B": "cold node: a new instance manager and worker, the pipeline only in REMOTE",
 }
-EXPECTED_TIER = {"A": Tier.HOST, "B": Tier.REMOTE}
+EXPECTED_TIER = {"A": Tier.HOST, "A_standby": Tier.HOST, "B": Tier.REMOTE}
+# How the table names a route (the JSON uses the keys of ROUTES), and the worker ids' short form.
+LABEL = {"A": "A", "A_standby": "A'", "B": "B"}
+SLUG = {"A": "a", "A_standby": "s", "B": "b"}
 PHASES = (
     "start_to_serving_s",
     "serving_to_first_result_s",
@@ -84,9 +92,12 @@ PHASES = (
     "worker_load_s",
     "worker_denoise_s",
     "instance_manager_start_s",
+    "standby_start_s",
+    "activate_s",
 )
 TABLE_COLUMNS = {
     "instance_manager_start_s": "IM start s",
+    "standby_start_s": "standby start s",
     "start_to_serving_s": "start→serving s",
     "serving_to_first_result_s": "serving→result s",
     "worker_load_s": "(load s",
@@ -208,6 +219,9 @@ class Sample:
     worker_load_s: float = 0.0
     worker_denoise_s: float = 0.0
     instance_manager_start_s: float | None = None
+    standby_start_s: float | None = None  # A': the standby's process start → Status says standby (not in total)
+    activate_s: float | None = None  # A': the Activate call's round trip (part of start_to_serving_s)
+    standby_rss_bytes: int | None = None  # A': the idle standby's resident memory, just before Activate
     loads: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""
 
@@ -256,10 +270,11 @@ class Bench:
         }
         return ServiceSpec(f"instance-manager-{node_id}", "diffmesh-instance-manager", port, env)
 
-    def _worker_spec(self, worker_id: str, node_id: str, im: ChildProcess) -> ServiceSpec:
+    def _worker_spec(self, worker_id: str, node_id: str, im: ChildProcess, standby: bool = False) -> ServiceSpec:
         assert self.coordinator is not None
         port, p = free_port(), "DIFFMESH_WORKER_"
         env = {
+            f"{p}STANDBY": "true" if standby else "false",
             **self._common(p, port),
             f"{p}WORKER_ID": worker_id,
             f"{p}NODE_ID": node_id,
@@ -345,11 +360,11 @@ class Bench:
     def sample(self, route: str, index: int, worker_id: str = "") -> Sample:
         """One fresh worker (and, for B, a fresh cold node) timed to its first result; stops them after."""
         cold_im: ChildProcess | None = None
-        if route == "A":
+        if route in ("A", "A_standby"):
             assert self.warm_im is not None
             node_id, im = self.warm_node, self.warm_im
             if not self.host_resident():
-                say(f"A{index}: the pipeline left HOST on {self.warm_node}; prefetching it again")
+                say(f"{LABEL[route]}{index}: the pipeline left HOST on {self.warm_node}; prefetching it again")
                 self.make_hot()
         else:
             node_id = f"cold{index}-{self.tag}"
@@ -358,15 +373,18 @@ class Bench:
             drop_page_cache(self.models_root / "lora")
             started = time.monotonic()
             cold_im = im = self._spawn(self._im_spec(node_id, self.run_dir / "ssd" / node_id, False))
-        result = Sample(route, index, node_id, worker_id or f"worker-{route.lower()}{index}")
+        result = Sample(route, index, node_id, worker_id or f"worker-{SLUG[route]}{index}")
         try:
             if cold_im is not None:
                 self._wait_serving(cold_im, self.ns.startup_timeout)
                 result.instance_manager_start_s = time.monotonic() - started
-            self._time_worker(result, im)
+            if route == "A_standby":
+                self._time_standby(result, im)
+            else:
+                self._time_worker(result, im)
         except (ServiceFailed, grpc.RpcError) as err:
             result.error = _error_text(err)
-            say(f"{route}{index}: FAILED: {result.error}")
+            say(f"{LABEL[route]}{index}: FAILED: {result.error}")
         finally:
             if cold_im is not None:
                 self._stop(cold_im)
@@ -384,6 +402,34 @@ class Bench:
             t2 = time.monotonic()
         finally:
             self._stop(worker)
+        self._record(result, t0, t1, t2, final)
+
+    def _time_standby(self, result: Sample, im: ChildProcess) -> None:
+        """A': a standby worker started and waited for untimed; timed from Activate (under the sample's id)."""
+        spec = self._worker_spec(f"standby-{result.index}", result.node_id, im, standby=True)
+        started = time.monotonic()
+        worker = self._spawn(spec)
+        try:
+            self._wait_standby(worker, self.ns.startup_timeout)
+            result.standby_start_s = time.monotonic() - started
+            result.standby_rss_bytes = _rss_bytes(worker.pid)
+            with grpc.insecure_channel(worker.address) as channel:
+                t0 = time.monotonic()
+                reply = worker_pb2_grpc.WorkerServiceStub(channel).Activate(
+                    worker_pb2.ActivateRequest(worker_id=result.worker_id), timeout=30
+                )
+                result.activate_s = time.monotonic() - t0
+            if reply.worker_id != result.worker_id:
+                raise ServiceFailed(f"{worker.name}: activated as {reply.worker_id!r}, not {result.worker_id!r}")
+            self._wait_serving(worker, self.ns.startup_timeout)
+            t1 = time.monotonic()
+            final = self._first_run(worker, result)
+            t2 = time.monotonic()
+        finally:
+            self._stop(worker)
+        self._record(result, t0, t1, t2, final)
+
+    def _record(self, result: Sample, t0: float, t1: float, t2: float, final: common_pb2.GenerationResult) -> None:
         result.start_to_serving_s = t1 - t0
         result.serving_to_first_result_s = t2 - t1
         result.total_s = t2 - t0
@@ -419,6 +465,24 @@ class Bench:
                 if event.WhichOneof("event") == "result":
                     return event.result
         raise ServiceFailed(f"{worker.name}: the Run stream ended without a result")
+
+    def _wait_standby(self, proc: ChildProcess, timeout: float) -> None:
+        """Until the standby's ``Status`` answers ``standby: true`` (its health stays NOT_SERVING), polled as health is."""
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(proc.address, options=HEALTH_OPTIONS) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            while True:
+                if not proc.running():
+                    raise proc.failure(f"exited with status {proc.returncode} before its standby was ready")
+                try:
+                    if stub.Status(worker_pb2.StatusRequest(), timeout=0.5).standby:
+                        return
+                    raise proc.failure("answers Status but is not a standby")
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise proc.failure(f"no standby on {proc.address} after {timeout:.0f} s")
+                time.sleep(HEALTH_POLL_S)
 
     def _wait_serving(self, proc: ChildProcess, timeout: float) -> None:
         """Health SERVING, polled every 50 ms on a channel that reconnects at once (see HEALTH_OPTIONS)."""
@@ -460,6 +524,17 @@ class Bench:
         return self.problems
 
 
+def _rss_bytes(pid: int | None) -> int | None:
+    """VmRSS of ``pid`` from ``/proc`` (None where unreadable)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _in_host(stats: instance_manager_pb2.StatsResponse) -> bool:
     tiers = {c.component_id: Tier(c.tier) for c in stats.components}
     return tiers.get(BASE_ID) is Tier.HOST and tiers.get(LORA_ID) is Tier.HOST
@@ -477,7 +552,10 @@ def _error_text(err: BaseException) -> str:
 def summarise(route: str, samples: list[Sample]) -> dict[str, Any]:
     """Median and every sample of each phase, the tiers seen, and whether they are the route's expected tier."""
     ok = [s for s in samples if not s.error]
-    median = {phase: _median([getattr(s, phase) for s in ok]) for phase in PHASES}
+    median: dict[str, Any] = {phase: _median([getattr(s, phase) for s in ok]) for phase in PHASES}
+    rss = [s.standby_rss_bytes for s in ok if s.standby_rss_bytes is not None]
+    if rss:
+        median["standby_rss_bytes"] = int(statistics.median(rss))
     tiers = sorted({load["source_tier"] for s in ok for load in s.loads})
     expected = EXPECTED_TIER[route].name
     return {
@@ -515,9 +593,10 @@ def print_table(doc: dict[str, Any]) -> None:
     header = ("route", *TABLE_COLUMNS.values(), "source tiers")
     rows: list[tuple[str, ...]] = []
     for route, data in doc["routes"].items():
-        rows.append((f"{route} median", *(_cell(data["median"].get(k)) for k in TABLE_COLUMNS), ",".join(data["source_tiers"])))
+        label = LABEL[route]
+        rows.append((f"{label} median", *(_cell(data["median"].get(k)) for k in TABLE_COLUMNS), ",".join(data["source_tiers"])))
         for s in data["samples"]:
-            name = f"  {route}{s['index']}"
+            name = f"  {label}{s['index']}"
             if s["error"]:
                 rows.append((name, "FAILED: " + s["error"][:80]))
             else:
@@ -526,13 +605,19 @@ def print_table(doc: dict[str, Any]) -> None:
     for row in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
     for route, data in doc["routes"].items():
-        print(f"{route}: {data['description']}")
+        print(f"{LABEL[route]}: {data['description']}")
+    print("A': start = the Activate call; standby start (process start → standby ready) is not part of its total")
+    rss = doc["routes"].get("A_standby", {}).get("median", {}).get("standby_rss_bytes")
+    if rss:
+        print(f"A': an idle standby's resident memory (median): {rss / 1e6:.0f} MB")
     print("load / denoise: the worker's own Timing of that first request (load = Acquire + building on the device)")
     for name, target in doc["targets"].items():
         value = "-" if target["median_s"] is None else f"{target['median_s']:.2f} s"
         print(f"target {name} ≤ {TARGET_S:g} s (median): {value}: {'met' if target['met'] else 'not met'}")
     for name, ratio in doc["b_over_a"].items():
         print(f"B / A, {name}: {'-' if ratio is None else f'{ratio:.2f}x'}")
+    for name, ratio in doc["a_over_a_standby"].items():
+        print(f"A / A', {name}: {'-' if ratio is None else f'{ratio:.2f}x'}")
     print("clean shutdown: no processes left, no shared memory leaked" if doc["clean_shutdown"]
           else f"shutdown problems: {doc['problems']}")
 
@@ -582,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"models: base {entries[BASE_ID]['bytes']:,} B, LoRA {entries[LORA_ID]['bytes']:,} B ({catalog.parent})")
 
     bench = Bench(ns, catalog)
-    samples: dict[str, list[Sample]] = {"A": [], "B": []}
+    samples: dict[str, list[Sample]] = {route: [] for route in ROUTES}
     warmup: list[Sample] = []
     prefetch_s: float | None = None
     fatal = ""
@@ -598,20 +683,21 @@ def main(argv: list[str] | None = None) -> int:
                 raise ServiceFailed(f"warm-up worker failed: {w.error}")
             say(f"warm-up {index}: total {w.total_s:.2f} s (not counted)")
         for index in range(1, ns.repeats + 1):
-            for route in ("A", "B"):
+            for route in ROUTES:
                 s = bench.sample(route, index)
                 samples[route].append(s)
                 if not s.error:
-                    say(f"{route}{index}: start→serving {s.start_to_serving_s:.2f} s, serving→result "
-                        f"{s.serving_to_first_result_s:.2f} s, total {s.total_s:.2f} s ({', '.join(s.tiers)})")
+                    standby = "" if s.standby_start_s is None else f" (standby start {s.standby_start_s:.2f} s, not counted)"
+                    say(f"{LABEL[route]}{index}: start→serving {s.start_to_serving_s:.2f} s, serving→result "
+                        f"{s.serving_to_first_result_s:.2f} s, total {s.total_s:.2f} s{standby} ({', '.join(s.tiers)})")
     except (ServiceFailed, grpc.RpcError, OSError) as err:
         fatal = _error_text(err)
         say(f"FAILED: {fatal}")
     finally:
         problems = bench.stop()
 
-    routes = {route: summarise(route, samples[route]) for route in ("A", "B")}
-    a, b = routes["A"]["median"], routes["B"]["median"]
+    routes = {route: summarise(route, samples[route]) for route in ROUTES}
+    a, a_standby, b = routes["A"]["median"], routes["A_standby"]["median"], routes["B"]["median"]
     doc: dict[str, Any] = {
         "benchmark": "scale-out",
         "config": {
@@ -640,11 +726,14 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {
             "A_serving_to_first_result": _target(a["serving_to_first_result_s"]),
             "A_total": _target(a["total_s"]),
+            "A_standby_serving_to_first_result": _target(a_standby["serving_to_first_result_s"]),
+            "A_standby_total": _target(a_standby["total_s"]),
         },
         "b_over_a": {
             "serving_to_first_result": _ratio(b["serving_to_first_result_s"], a["serving_to_first_result_s"]),
             "total": _ratio(b["total_s"], a["total_s"]),
         },
+        "a_over_a_standby": {"total": _ratio(a["total_s"], a_standby["total_s"])},
         "clean_shutdown": not problems,
         "problems": problems,
         "error": fatal,

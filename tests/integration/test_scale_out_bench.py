@@ -35,8 +35,8 @@ def test_scale_out_bench_smallest_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert {"config", "models", "warm_node", "routes", "targets", "b_over_a", "clean_shutdown", "problems"} <= set(doc)
     assert doc["models"]["pipeline_bytes"] == doc["models"]["base"]["bytes"] + doc["models"]["lora"]["bytes"] > 0
-    assert set(doc["routes"]) == {"A", "B"}
-    for route, tier in (("A", "HOST"), ("B", "REMOTE")):
+    assert set(doc["routes"]) == {"A", "A_standby", "B"}
+    for route, tier in (("A", "HOST"), ("A_standby", "HOST"), ("B", "REMOTE")):
         data = doc["routes"][route]
         assert data["failed"] == 0, data["samples"]
         assert PHASES <= set(data["median"]) and all(data["median"][p] is not None for p in PHASES)
@@ -44,7 +44,9 @@ def test_scale_out_bench_smallest_run(tmp_path: Path) -> None:
         (sample,) = data["samples"]
         assert {load["component_id"] for load in sample["loads"]} == {"scale-out-base", "scale-out-lora"}
     assert doc["routes"]["B"]["samples"][0]["instance_manager_start_s"] is not None
-    assert set(doc["targets"]) == {"A_serving_to_first_result", "A_total"}
+    assert set(doc["targets"]) == {
+        "A_serving_to_first_result", "A_total", "A_standby_serving_to_first_result", "A_standby_total"
+    }
     assert all(isinstance(t["met"], bool) for t in doc["targets"].values())
     assert doc["clean_shutdown"] and doc["problems"] == []
     assert "target A_total" in proc.stdout

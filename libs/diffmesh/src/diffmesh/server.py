@@ -4,6 +4,10 @@ Every service gets the same server: the error interceptor, OpenTelemetry spans o
 RPC, the standard ``grpc.health.v1`` health service, server reflection, and a graceful
 drain on SIGTERM/SIGINT (health flips to NOT_SERVING, in-flight RPCs get
 ``grace_seconds`` to finish, then the service's own ``stop`` runs).
+
+Health is SERVING once the service's ``start`` returned. A service that is not ready then
+(a standby worker, ready when activated) defines ``bind_health`` (:class:`HealthGated`): it
+receives the marker that sets its health, and its health stays NOT_SERVING until it says so.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import asyncio
 import logging
 import signal
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -47,6 +52,19 @@ class Service(Protocol):
         ...
 
 
+HealthMarker = Callable[[bool], Awaitable[None]]
+"""Sets the health of a server's services and of the server (``""``): SERVING (True) or NOT_SERVING."""
+
+
+@runtime_checkable
+class HealthGated(Protocol):
+    """Optional for a service: it decides itself when its health becomes SERVING."""
+
+    def bind_health(self, mark: HealthMarker) -> bool:
+        """Keeps ``mark`` (called before ``start``); returns whether to be SERVING once ``start`` returned."""
+        ...
+
+
 @dataclass
 class RunningServer:
     """A started server: the gRPC server, its bound port and its health servicer."""
@@ -71,6 +89,17 @@ async def start_server(service: Service, host: str = "127.0.0.1", port: int = 0)
     names = service.add_to_server(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+
+    async def mark(serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in [*names, ""]:
+            await health_servicer.set(name, status)
+
+    ready_at_start = True
+    if isinstance(service, HealthGated):
+        ready_at_start = service.bind_health(mark)
+        if not ready_at_start:
+            await mark(False)  # the servicer answers SERVING for "" until told otherwise
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
@@ -81,9 +110,9 @@ async def start_server(service: Service, host: str = "127.0.0.1", port: int = 0)
     except BaseException:
         await server.stop(0)
         raise
-    for name in [*names, ""]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", extra={"service": service.name, "port": bound})
+    if ready_at_start:
+        await mark(True)
+    log.info("serving", extra={"service": service.name, "port": bound, "ready": ready_at_start})
     return RunningServer(server, bound, service, health_servicer, names)
 
 

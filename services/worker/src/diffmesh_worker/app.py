@@ -11,16 +11,26 @@ With a coordinator, the worker also pushes its load on every change
 the coordinator's plans: its HOT replicas are pinned and pre-built while the device is idle
 (:mod:`~diffmesh_worker.plan_executor`). The device tier evicts with the shared utility
 policy, or LRU under ``DIFFMESH_POLICY=lru`` (:mod:`~diffmesh_worker.device_eviction`).
+
+With ``DIFFMESH_WORKER_STANDBY=true`` the worker starts as a warm standby: everything is
+imported and built that needs no instance manager, coordinator or device memory, and the
+server listens, but health stays NOT_SERVING, ``Run`` is refused (FAILED_PRECONDITION)
+and nothing is registered, reported or followed. ``Activate`` (or SIGUSR1, see
+:mod:`~diffmesh_worker.__main__`) then starts exactly what a normal start starts, with the
+identity the request gives (:mod:`~diffmesh_worker.activation`), and marks it SERVING: the
+process start (seconds of imports) is paid before the worker is needed, not after.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -28,6 +38,7 @@ from diffmesh.channels import open_channel
 from diffmesh.errors import DiffmeshError, FailedPrecondition
 from diffmesh.plan_follower import PlanFollower
 from diffmesh.policy_mode import PolicyMode, policy_mode
+from diffmesh.server import HealthMarker
 from diffmesh.telemetry import tracer
 from diffmesh.v1 import (
     common_pb2,
@@ -40,6 +51,7 @@ from diffmesh.v1 import (
 )
 from grpc import aio
 
+from diffmesh_worker.activation import activated_settings
 from diffmesh_worker.assemble import DevicePlacement
 from diffmesh_worker.device_cache import DeviceCache
 from diffmesh_worker.device_eviction import DeviceUsage, eviction_policy
@@ -75,6 +87,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Status(self, request: worker_pb2.StatusRequest, context: aio.ServicerContext) -> worker_pb2.StatusResponse:
         return self.app.status()
 
+    async def Activate(self, request: worker_pb2.ActivateRequest, context: aio.ServicerContext) -> worker_pb2.ActivateResponse:
+        return await self.app.activate(request)
+
+
+@dataclass
+class _Standby:
+    """A standby worker's state until it is activated."""
+
+    since: float = 0.0  # monotonic time its server started
+    activating: bool = False
+
 
 class WorkerApp:
     """One worker: a device, its queue, its device-tier cache, and its links to the IM and coordinator."""
@@ -106,6 +129,12 @@ class WorkerApp:
         self._loader: Loader | None = None
         self._channels: list[aio.Channel] = []
         self._tasks: set[asyncio.Task[object]] = set()
+        self._port = 0
+        self._mark_health: HealthMarker | None = None
+        # None: active (started normally, or activated); set: on standby.
+        self._standby: _Standby | None = _Standby() if settings.standby else None
+        self._started = asyncio.Event()
+        self._signal_activation: asyncio.Task[None] | None = None
 
     # --- Service protocol -------------------------------------------------------------
 
@@ -114,9 +143,27 @@ class WorkerApp:
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(self), server)
         return [SERVICE_NAME]
 
+    def bind_health(self, mark: HealthMarker) -> bool:
+        """Keeps the server's health marker (for activation); a standby starts NOT_SERVING."""
+        self._mark_health = mark
+        return self._standby is None
+
     async def start(self, port: int) -> None:
-        """Opens the channels, and registers with the coordinator (in the background, retrying)."""
-        s = self.settings
+        """Opens the channels, and registers with the coordinator (in the background, retrying).
+
+        On standby: nothing of that; :meth:`activate` does it later.
+        """
+        self._port = port
+        if self._standby is not None:
+            self._standby.since = time.monotonic()
+            log.info("worker on standby", extra={"worker_id": self.settings.worker_id, "device": self.device, "port": port})
+        else:
+            await self._go_live()
+        self._started.set()
+
+    async def _go_live(self) -> None:
+        """What a normal start starts: the IM link, and with a coordinator the registration, load reports and plans."""
+        s, port = self.settings, self._port
         if not s.instance_manager:
             raise FailedPrecondition("DIFFMESH_WORKER_INSTANCE_MANAGER is required")
         im_channel = open_channel(s.instance_manager)
@@ -175,12 +222,82 @@ class WorkerApp:
             "worker started", extra={"worker_id": s.worker_id, "device": self.device, "port": port, "policy": self.mode.value}
         )
 
+    async def activate(self, request: worker_pb2.ActivateRequest) -> worker_pb2.ActivateResponse:
+        """Turns this standby into a serving worker with the identity ``request`` gives (unset fields: the settings).
+
+        FAILED_PRECONDITION when already active (or being activated); INVALID_ARGUMENT naming a
+        bad field, the worker staying on standby. Health is SERVING when this returns;
+        registration with the coordinator goes on in the background, as at a normal start.
+        """
+        standby = self._standby
+        if standby is None:
+            raise FailedPrecondition(f"worker {self.settings.worker_id} is active already: only a standby is activated")
+        if standby.activating:
+            raise FailedPrecondition(f"worker {self.settings.worker_id} is being activated already")
+        settings = activated_settings(self.settings, request)
+        standby.activating = True
+        previous, self.settings = self.settings, settings
+        try:
+            await self._go_live()
+        except BaseException:
+            # Nothing half-started stays behind: close what _go_live opened, and stay on standby.
+            self.settings = previous
+            await self._unlink()
+            standby.activating = False
+            raise
+        self._standby = None
+        waited = time.monotonic() - standby.since
+        if self._mark_health is not None:
+            await self._mark_health(True)
+        log.info("standby activated", extra={"worker_id": settings.worker_id, "node_id": settings.node_id, "standby_s": waited})
+        return worker_pb2.ActivateResponse(worker_id=settings.worker_id, node_id=settings.node_id, standby_seconds=waited)
+
+    def activate_on_signal(self) -> None:
+        """SIGUSR1: activates with the settings as they are (once the server started); a repeat is logged."""
+        if self._signal_activation is not None and not self._signal_activation.done():
+            log.warning("SIGUSR1 ignored: an activation is under way")
+            return
+
+        async def activate_when_started() -> None:
+            await self._started.wait()
+            try:
+                await self.activate(worker_pb2.ActivateRequest())
+            except DiffmeshError as err:
+                log.warning("SIGUSR1: not activated", extra={"error": str(err)})
+            except Exception:
+                log.exception("SIGUSR1: activation failed")
+
+        self._signal_activation = asyncio.create_task(activate_when_started(), name="activate-on-signal")
+
+    async def _unlink(self) -> None:
+        """Stops the coordinator links (plans, load reports, registration) and closes the channels."""
+        if self.plan_follower is not None:
+            await self.plan_follower.stop()
+        if self.plan_executor is not None:
+            await self.plan_executor.stop()
+        if self.load_reporter is not None:
+            await self.load_reporter.stop()
+        if self.registrar is not None:
+            await self.registrar.stop()
+        for channel in self._channels:
+            await channel.close()
+        self._channels.clear()
+        self.plan_follower = None
+        self.plan_executor = None
+        self.load_reporter = None
+        self.registrar = None
+        self._loader = None
+
     async def stop(self) -> None:
         """Interrupts nothing (the server drained already); frees the device tier and its leases.
 
         Runs still finishing get up to 30 s. Their outcome is not stop's business (each run's
         client, or :meth:`run`'s done callback, reads it), so nothing is suppressed here.
         """
+        if self._signal_activation is not None and not self._signal_activation.done():
+            self._signal_activation.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._signal_activation
         if self.plan_follower is not None:
             await self.plan_follower.stop()
         if self.plan_executor is not None:
@@ -255,10 +372,13 @@ class WorkerApp:
             ],
             plan_version=self.plan_executor.version if self.plan_executor is not None else 0,
             host_to_device_bytes_per_second=self.usage.bandwidth_bps,
+            standby=self._standby is not None,
         )
 
     async def run(self, request: worker_pb2.RunRequest) -> AsyncIterator[worker_pb2.RunResponse]:
         """Validates, queues, loads and denoises one request, yielding its progress and result."""
+        if self._standby is not None:
+            raise FailedPrecondition("standby: not activated (WorkerService.Activate or SIGUSR1 first)")
         started = time.perf_counter()
         job = validate(request)
         ticket = self.slot.enter()
