@@ -12,10 +12,7 @@ memory, a real HTTP server as REMOTE for a slow adapter) and real workers in-pro
 
 from __future__ import annotations
 
-import functools
-import http.server
 import os
-import re
 import shutil
 import threading
 import time
@@ -36,6 +33,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 
 from tests.support.im import LORA as LORA_KIND
 from tests.support.im import register_component
+from tests.support.ranged_http import RangedHttp, ranged_http
 from tests.support.waiting import wait_for
 from tests.support.worker import BASE, BASE_B, LORA, LORA_2, WorkerMesh, make_request, run
 
@@ -48,59 +46,13 @@ WORKER = "wk-policy"
 # --- a REMOTE whose answers wait for a gate ---------------------------------------------
 
 
-class _GatedFiles(http.server.SimpleHTTPRequestHandler):
-    """Static files with single ``Range`` support; a GET's body waits (60 s at most) until ``gate`` is set."""
-
-    gate: threading.Event
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        path = self.translate_path(self.path)
-        if not os.path.isfile(path):
-            self.send_error(404)
-            return
-        size = os.path.getsize(path)
-        start, end = 0, size - 1
-        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-        if m:
-            start = int(m.group(1))
-            end = min(size - 1, int(m.group(2))) if m.group(2) else size - 1
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(end - start + 1))
-        self.send_header("Content-Type", "application/octet-stream")
-        self.end_headers()
-        self.gate.wait(60)
-        with open(path, "rb") as f:
-            f.seek(start)
-            self.wfile.write(f.read(end - start + 1))
-
-
-@dataclass
-class GatedRemote:
-    """An HTTP server on loopback serving ``root``; downloads finish only once ``gate`` is set."""
-
-    url: str
-    root: Path
-    gate: threading.Event
-
-
 @pytest.fixture(scope="module")
-def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatedRemote]:
-    root = tmp_path_factory.mktemp("gated-remote")
+def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RangedHttp]:
+    """An HTTP REMOTE on loopback whose downloads finish only while ``gate`` is set (it starts set)."""
     gate = threading.Event()
     gate.set()
-    handler = type("Handler", (_GatedFiles,), {"gate": gate})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield GatedRemote(f"http://127.0.0.1:{server.server_address[1]}/", root, gate)
-    gate.set()
-    server.shutdown()
-    server.server_close()
+    with ranged_http(tmp_path_factory.mktemp("gated-remote"), gate) as served:
+        yield served
 
 
 # --- spans as they start ----------------------------------------------------------------
@@ -186,7 +138,7 @@ def policy_mesh(
     redis_url: str,
     demo_models: Path,
     tmp: Path,
-    remote: GatedRemote,
+    remote: RangedHttp,
     worker: dict[str, Any] | None = None,
     node: str = NODE,
     **coordinator: Any,
@@ -213,14 +165,14 @@ def policy_mesh(
         coord = coordinator_pb2_grpc.CacheCoordinatorServiceStub(channel)
         slow = remote.root / f"{SLOW_LORA}.safetensors"
         shutil.copy(demo_models / "lora" / f"{LORA}.safetensors", slow)
-        register_component(coord, SLOW_LORA, LORA_KIND, f"{remote.url}{slow.name}", slow)
+        register_component(coord, SLOW_LORA, LORA_KIND, f"{remote.url}/{slow.name}", slow)
         im = ServerThread(
             InstanceManagerApp(
                 InstanceManagerSettings(
                     node_id=node,
                     coordinator=coord_server.address,
                     ssd_dir=str(tmp / "ssd"),
-                    allowed_roots=[str(demo_models), remote.url],
+                    allowed_roots=[str(demo_models), f"{remote.url}/"],
                 )
             )
         )
@@ -231,7 +183,7 @@ def policy_mesh(
 
 @pytest.fixture(scope="module")
 def mesh(
-    redis_url: str, demo_models: Path, tmp_path_factory: pytest.TempPathFactory, remote: GatedRemote
+    redis_url: str, demo_models: Path, tmp_path_factory: pytest.TempPathFactory, remote: RangedHttp
 ) -> Iterator[WorkerMesh]:
     with policy_mesh(redis_url, demo_models, tmp_path_factory.mktemp("policy"), remote) as m:
         yield m
@@ -287,8 +239,9 @@ def test_lru_mode_evicts_the_least_recently_used_instead(mesh: WorkerMesh) -> No
     assert {BASE, LORA_2, LORA_3} <= set(after) and LORA not in after
 
 
-def test_base_builds_while_a_slow_lora_is_still_acquired(mesh: WorkerMesh, remote: GatedRemote, spans: SpanLog) -> None:
+def test_base_builds_while_a_slow_lora_is_still_acquired(mesh: WorkerMesh, remote: RangedHttp, spans: SpanLog) -> None:
     clear_device(mesh)
+    assert remote.gate is not None
     remote.gate.clear()  # the LoRA's download cannot finish until the gate opens
     outcome: dict[str, Any] = {}
 
@@ -378,7 +331,7 @@ def _record(coord: coordinator_pb2_grpc.CacheCoordinatorServiceStub, key: str, i
 
 
 def test_a_plan_making_the_worker_a_replica_prebuilds_and_pins_it(
-    redis_url: str, demo_models: Path, tmp_path: Path, remote: GatedRemote
+    redis_url: str, demo_models: Path, tmp_path: Path, remote: RangedHttp
 ) -> None:
     worker = {"plan_retry_seconds": 0.3}
     plan_mesh = policy_mesh(

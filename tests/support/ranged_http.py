@@ -1,5 +1,6 @@
 """A loopback HTTP REMOTE store for instance-manager tests: static files with single-range
-``Range`` support and directory index pages, counting the GET requests of every path."""
+``Range`` support and directory index pages, counting the GET requests of every path.
+With a ``gate``, every file body waits (60 s at most) until the gate is set."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 class _Handler(http.server.SimpleHTTPRequestHandler):
     counts: Counter[str]
     lock: threading.Lock
+    gate: threading.Event | None
 
     def log_message(self, *args: object) -> None:
         pass
@@ -45,6 +47,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.send_header("Content-Length", str(end - start + 1))
         self.send_header("Content-Type", "application/octet-stream")
         self.end_headers()
+        if self.gate is not None:
+            self.gate.wait(60)
         with open(path, "rb") as f:
             f.seek(start)
             self.wfile.write(f.read(end - start + 1))
@@ -57,6 +61,7 @@ class RangedHttp:
     url: str
     root: Path
     counts: Counter[str]
+    gate: threading.Event | None = None
 
     def gets(self, prefix: str) -> int:
         """GET requests of files (not index pages) whose path starts with ``prefix``."""
@@ -64,15 +69,17 @@ class RangedHttp:
 
 
 @contextmanager
-def ranged_http(root: Path) -> Iterator[RangedHttp]:
-    """Serves ``root`` on a free loopback port until the block ends."""
+def ranged_http(root: Path, gate: threading.Event | None = None) -> Iterator[RangedHttp]:
+    """Serves ``root`` on a free loopback port until the block ends (file bodies wait for ``gate`` when given)."""
     counts: Counter[str] = Counter()
-    handler = type("Handler", (_Handler,), {"counts": counts, "lock": threading.Lock()})
+    handler = type("Handler", (_Handler,), {"counts": counts, "lock": threading.Lock(), "gate": gate})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield RangedHttp(f"http://127.0.0.1:{server.server_port}", root, counts)
+        yield RangedHttp(f"http://127.0.0.1:{server.server_port}", root, counts, gate)
     finally:
+        if gate is not None:
+            gate.set()
         server.shutdown()
         server.server_close()
