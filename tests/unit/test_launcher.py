@@ -121,3 +121,9 @@ def test_child_process_stop_sigterm_and_failure_log(tmp_path: Path) -> None:
     assert proc.stop(grace=10) == []
     assert proc.returncode == -signal.SIGTERM
     assert "hello from the child" in proc.log_path.read_text()
+
+
+def test_free_port_never_hands_out_a_port_twice() -> None:
+    """Ports picked one after another for one mesh are distinct, even when the kernel reuses a closed one."""
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)

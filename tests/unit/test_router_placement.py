@@ -159,14 +159,15 @@ def test_hot_pipelines_prefer_their_replicas_and_spill_only_when_slower() -> Non
         assert m.order(shape())[0][0] == "n1"  # a 0.3 s HOST load beats 2.6 s of queue
 
 
-def test_cold_requests_stay_off_the_hot_pool_while_another_worker_has_room() -> None:
+def test_cold_requests_rank_by_ect_and_leave_the_hot_pool_only_on_a_tie() -> None:
     m = Mesh(plan=hot_plan((("n1", "w1"), ("n1", "w2"))))
-    m.report("n1", "w1", ("tail", GPU, True, GB))
     cold = shape("tail||", ("tail",), (GB,))
     assert m.placer.rank(cold).band is Band.COLD
-    assert m.order(cold)[0] == ("n2", "w1")  # even though n1/w1 holds it on its device
-    m.view.apply(plan_pb2.ViewEvent(load=load("n2", "w1", queue=2, measured=1.0, free=20 * GB)))  # n2/w1 full
-    assert m.order(cold)[0] == ("n1", "w1")
+    assert m.order(cold)[0] == ("n2", "w1")  # equal ECT everywhere: off the HOT pool
+    m.report("n1", "w1", ("tail", GPU, True, GB))
+    assert m.order(cold)[0] == ("n1", "w1")  # a pool worker holding it on its device finishes first
+    with m.in_flight.track(("n1", "w1")), m.in_flight.track(("n1", "w1")):
+        assert m.order(cold)[0] == ("n2", "w1")  # two ahead of it there: a load elsewhere is sooner
 
 
 def test_lru_mode_is_least_loaded_with_ties_by_id() -> None:

@@ -102,16 +102,12 @@ def test_band_groups() -> None:
 
     pool = np.array([True, True, False, False])
     replica = np.array([True, False, False, False])
-    available = np.array([True, True, True, False])
     # HOT: one group; the pipeline's replicas first on equal ECT.
-    group, pref = band_groups(Band.HOT, pool, replica, available)
+    group, pref = band_groups(Band.HOT, pool, replica)
     assert group.tolist() == [0, 0, 0, 0] and pref.tolist() == [0, 1, 1, 1]
-    # COLD: outside the HOT pool first while one there is available.
-    group, pref = band_groups(Band.COLD, pool, replica, available)
-    assert group.tolist() == [1, 1, 0, 0] and pref.tolist() == [0, 0, 0, 0]
-    # ... and no preference once none outside the pool is.
-    group, _ = band_groups(Band.COLD, pool, replica, np.array([True, True, False, False]))
-    assert group.tolist() == [0, 0, 0, 0]
+    # COLD: one group too (pins keep the head safe); off the HOT pool only on equal ECT.
+    group, pref = band_groups(Band.COLD, pool, replica)
+    assert group.tolist() == [0, 0, 0, 0] and pref.tolist() == [1, 1, 0, 0]
     # WARM: plain ECT.
-    group, pref = band_groups(Band.WARM, pool, replica, available)
+    group, pref = band_groups(Band.WARM, pool, replica)
     assert group.tolist() == [0, 0, 0, 0] and pref.tolist() == [0, 0, 0, 0]

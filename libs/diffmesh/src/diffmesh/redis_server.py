@@ -11,17 +11,33 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import redis
 
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that is free right now on ``host`` and that this process has not handed out before.
+
+    The kernel may return a port it gave a moment ago once that socket is closed; a
+    launcher that picks every service's port before starting any would then give two
+    services one port (seen: two workers of one mesh on the same port, one failing to
+    bind). So each port is handed out once per process.
+    """
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        with _handed_out_lock:
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+    raise RuntimeError(f"no free TCP port on {host} that this process has not handed out already")
 
 
 def find_redis_server() -> str:

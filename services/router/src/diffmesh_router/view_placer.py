@@ -7,8 +7,9 @@ each component from the best source that holds it for that worker + compute (the
 request's megapixel-steps x the worker's measured seconds per unit). Workers whose usable
 device memory does not fit the weights and the activations go last (when none fits, all
 are ranked by ECT: the worker evicts or sub-batches). Workers with room in their queue
-come before full ones; the pipeline's band decides the pool preference
-(:func:`~diffmesh.policy.routing.band_groups`); ties go to the lower worker id.
+come before full ones; on equal ECT the pipeline's band decides
+(:func:`~diffmesh.policy.routing.band_groups`: HOT to its replicas, COLD off the HOT
+pool), then the lower worker id.
 
 Workers share a load profile (which source each component comes from) far more often
 than not, so the load is computed once per distinct profile with the policy's scalar
@@ -166,7 +167,7 @@ class ViewPlacer:
                 r = t.row.get(key)
                 if r is not None:
                     replica[r] = True
-        group, preference = band_groups(band, self._hot_pool(), replica, eligible & room)
+        group, preference = band_groups(band, self._hot_pool(), replica)
         order = np.lexsort((rows, preference, ect, group, ~room, ~eligible))
         return Ranking(t.keys, t.addresses, order, count, band, ect)
 

@@ -202,17 +202,23 @@ def rank_candidates(
 
 
 def band_groups(
-    band: Band, in_hot_pool: NDArray[np.bool_], replica: NDArray[np.bool_], available: NDArray[np.bool_]
+    band: Band, in_hot_pool: NDArray[np.bool_], replica: NDArray[np.bool_]
 ) -> tuple[NDArray[np.int8], NDArray[np.int8]]:
     """Per worker, the pool group (0 first) and the preference on equal ECT (0 first) for one request.
 
-    * HOT: every worker is in group 0 (ECT over all: a replica loses only when another
-      worker finishes sooner, i.e. the replicas' queue wait exceeds a load from
-      elsewhere); on equal ECT the pipeline's replicas come first.
-    * COLD: workers outside the HOT replicas' pool come first (group 0) while one of them
-      is ``available`` (eligible with room in its queue), so tail traffic does not evict
-      head pipelines; the pool is the fallback (group 1).
-    * WARM: one group, plain ECT.
+    Every band ranks all workers by ECT in one group; the band only breaks ties:
+
+    * HOT: the pipeline's replicas first (a replica loses only when another worker
+      finishes sooner, i.e. the replicas' queue wait exceeds a load from elsewhere);
+    * COLD: workers outside the HOT replicas' pool first;
+    * WARM: no preference.
+
+    Tail traffic cannot evict head pipelines anyway: the plan pins their copies, and a
+    worker's pinned bytes are not usable by other pipelines (:func:`fits`). An earlier
+    version kept COLD requests off the pool while a worker outside it had room; with a
+    fifth to a third of the requests COLD it queued them on half the workers while the
+    pool's workers idled, and the simulator (:mod:`diffmesh.sim.engine`, plain ECT with
+    pins) never did that.
 
     ``in_hot_pool`` marks the workers holding any HOT pipeline's replica, ``replica`` the
     replicas of this request's pipeline.
@@ -220,6 +226,6 @@ def band_groups(
     zeros = np.zeros(in_hot_pool.shape, dtype=np.int8)
     if band is Band.HOT:
         return zeros, (~replica).astype(np.int8)
-    if band is Band.COLD and bool(np.any(available & ~in_hot_pool)):
-        return in_hot_pool.astype(np.int8), zeros
+    if band is Band.COLD:
+        return zeros, in_hot_pool.astype(np.int8)
     return zeros, zeros

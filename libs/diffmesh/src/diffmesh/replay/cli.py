@@ -1,6 +1,6 @@
 """``diffmesh replay``: the trace's first N requests through a local mesh, once per policy, compared.
 
-Starts its own mesh per policy (private Redis, coordinator, 2 nodes x 2 workers, router,
+Starts its own mesh per policy (private Redis, coordinator, 2 nodes x 1 worker, router,
 a loopback REMOTE store with a bandwidth cap), after a calibration mesh that measures a
 warm request on this machine. Prints a table, writes the JSON (and a latency-CDF PNG
 with --plot). Exit status 0 when every policy ran with no failed request and every mesh
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import threading
@@ -53,7 +54,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--max-bases", type=int, default=DEFAULT_MAX_BASES, help=f"demo bases at most (default {DEFAULT_MAX_BASES})")
     p.add_argument("--max-loras", type=int, default=DEFAULT_MAX_LORAS, help=f"demo LoRAs at most (default {DEFAULT_MAX_LORAS})")
     p.add_argument("--nodes", type=int, default=2, help="nodes (default 2)")
-    p.add_argument("--workers", type=int, default=2, help="workers per node (default 2)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="workers per node (default 1: one single-threaded worker per core of a 2-core machine)")
     p.add_argument("--node-prefix", default="node",
                    help="node ids are <prefix>-1 … (default node); an instance manager owns its node id on the host")
     p.add_argument("--plan-seconds", type=float, default=1.0,
@@ -95,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
     if args.requests < 1 or args.load <= 0 or args.nodes < 1 or args.workers < 1 or args.max_queue < 0:
         say("--requests, --nodes and --workers must be at least 1, --load positive and --max-queue not negative")
         return 2
+    cores = os.cpu_count() or 1
+    if args.nodes * args.workers > cores:
+        say(
+            f"warning: {args.nodes * args.workers} single-threaded workers on {cores} cores share them: a worker that"
+            " loads lends its compute to the others, which a GPU cannot, so the cost of loading is understated"
+        )
     if not re.fullmatch(NODE_ID_PATTERN, f"{args.node_prefix}-{args.nodes}"):
         say(f"--node-prefix {args.node_prefix!r}: node ids must match {NODE_ID_PATTERN}")
         return 2

@@ -4,8 +4,11 @@ A scheduler thread sleeps until each request's arrival and hands it to a pool of
 ``max_in_flight`` sender threads (one blocking ``Generate`` each). When every sender is
 busy the request waits for one; its latency still counts from its scheduled arrival, so a
 saturated client cannot hide queueing. UNAVAILABLE is retried for a few seconds (a
-router that has just started may not know every worker yet); every other error is the
-request's outcome (RESOURCE_EXHAUSTED included: the router is the one that spills).
+router that has just started may not know every worker yet). RESOURCE_EXHAUSTED (every
+worker's queue stayed full through the router's wait for room) is retried as its retry
+hint asks, as a production client does, for up to :data:`BUSY_RETRY_S` from the first
+attempt; the latency keeps counting and the retries are counted (``busy_retries``).
+Every other error is the request's outcome.
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ from dataclasses import dataclass, field
 import grpc
 
 from diffmesh.catalog import kind_name
-from diffmesh.client import Client, DiffmeshClientError, GenerationOptions, Lora, UnavailableError
+from diffmesh.client import Client, DiffmeshClientError, GenerationOptions, Lora, ResourceExhaustedError, UnavailableError
 from diffmesh.launcher.demo_requests import edges_image, encode_png
 from diffmesh.replay.stream import ReplayRequest
 from diffmesh.tiers import Tier
 from diffmesh.v1 import common_pb2
 
 UNAVAILABLE_RETRY_S = 10.0
+BUSY_RETRY_S = 300.0
+"""How long a request keeps retrying RESOURCE_EXHAUSTED before it counts as failed."""
+BUSY_RETRY_MIN_S = 0.5
+"""The shortest wait before such a retry (a hint below it, or none, waits this long)."""
 DEFAULT_MAX_IN_FLIGHT = 48
 
 
@@ -57,6 +64,9 @@ class Outcome:
     load_s: float = 0.0
     denoise_s: float = 0.0
     retries: int = 0
+    """UNAVAILABLE retries."""
+    busy_retries: int = 0
+    """RESOURCE_EXHAUSTED retries (each after the router's retry hint)."""
     loads: list[ComponentLoad] = field(default_factory=list)
 
     @property
@@ -167,6 +177,7 @@ class Sender:
             self.in_flight += 1
         outcome.sent_s = time.monotonic() - t0
         deadline = time.monotonic() + UNAVAILABLE_RETRY_S
+        busy_deadline = time.monotonic() + BUSY_RETRY_S
         try:
             while True:
                 try:
@@ -186,6 +197,13 @@ class Sender:
                         break
                     outcome.retries += 1
                     time.sleep(0.2)
+                except ResourceExhaustedError as err:
+                    wait = max(BUSY_RETRY_MIN_S, err.retry_after_s or 0.0)
+                    if time.monotonic() + wait > busy_deadline:
+                        outcome.error, outcome.code = str(err), err.code.name
+                        break
+                    outcome.busy_retries += 1
+                    time.sleep(wait)
                 except DiffmeshClientError as err:
                     outcome.error = str(err)
                     outcome.code = err.code.name

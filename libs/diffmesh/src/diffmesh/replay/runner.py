@@ -39,7 +39,7 @@ class ReplayOptions:
     out: Path = Path("out/replay")
     models: Path = Path(".diffmesh/replay-models")
     nodes: int = 2
-    workers_per_node: int = 2
+    workers_per_node: int = 1
     node_prefix: str = "node"
     max_bases: int = mapping.DEFAULT_MAX_BASES
     max_loras: int = mapping.DEFAULT_MAX_LORAS

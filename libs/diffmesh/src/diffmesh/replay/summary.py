@@ -123,6 +123,7 @@ def summarize(
         "queue_p99": float(np.percentile(queue, 99)) if queue else None,
         "wall_s": wall_s,
         "failed_by_code": dict(sorted(codes.items())),
+        "busy_retries": sum(o.busy_retries for o in outcomes),
         "loads_by_tier": loads_by_tier(ok),
         "requests_per_worker": dict(sorted(Counter(f"{o.node_id}/{o.worker_id}" for o in ok).items())),
     }
