@@ -396,3 +396,65 @@ def test_a_plan_naming_an_unknown_component_is_skipped_and_the_rest_applied(mesh
     assert held[BASE_B].pinned and held[LORA_2].pinned
     _, result = run(mesh, make_request(seed=8, base=BASE_B, loras=((LORA_2, 1.0),)))  # still serving, from its device
     assert {load.source_tier for load in result.loads} == {common_pb2.TIER_GPU}
+
+
+def _queued_behind_a_blocked_request(
+    mesh: WorkerMesh, remote: RangedHttp, demo_models: Path, tag: str, before_gate_opens: Callable[[str], None]
+) -> common_pb2.GenerationResult:
+    """Request A holds the device, blocked on a LoRA from the gated REMOTE; B, needing a LoRA no tier holds yet
+    (a local file: its fetch is not gated), queues behind it. ``before_gate_opens(B's LoRA id)`` runs while A is
+    still blocked; then the gate opens and B's result is returned."""
+    assert remote.gate is not None
+    gated, ahead = f"lora-gated-{tag}", f"lora-ahead-{tag}"
+    source = demo_models / "lora" / f"{LORA}.safetensors"
+    shutil.copy(source, remote.root / f"{gated}.safetensors")
+    register_component(mesh.coord, gated, LORA_KIND, f"{remote.url}/{gated}.safetensors", source)
+    local = demo_models / "lora" / f"{ahead}.safetensors"
+    shutil.copy(source, local)
+    register_component(mesh.coord, ahead, LORA_KIND, str(local), source)
+    clear_device(mesh)
+    run(mesh, make_request(seed=1))  # the base is built: only the LoRAs are missing below
+    remote.gate.clear()
+    results: dict[str, Any] = {}
+
+    def client(name: str, request: worker_pb2.RunRequest) -> None:
+        try:
+            results[name] = run(mesh, request)[1]
+        except grpc.RpcError as exc:  # reported by the assertions below
+            results[name] = exc
+
+    a = threading.Thread(target=client, args=("a", make_request(seed=2, loras=((gated, 1.0),))))
+    b = threading.Thread(target=client, args=("b", make_request(seed=3, loras=((ahead, 1.0),))))
+    try:
+        a.start()
+        wait_for(lambda: mesh.stub.Status(worker_pb2.StatusRequest(), timeout=10).running == 1, "A to hold the device", 60)
+        b.start()
+        wait_for(lambda: mesh.stub.Status(worker_pb2.StatusRequest(), timeout=10).queue_length == 1, "B to queue", 60)
+        before_gate_opens(ahead)
+        assert "a" not in results  # A cannot have finished: its LoRA is still behind the gate
+    finally:
+        remote.gate.set()
+        a.join(120)
+        b.join(120)
+    assert isinstance(results.get("a"), common_pb2.GenerationResult), results.get("a")
+    assert isinstance(results.get("b"), common_pb2.GenerationResult), results.get("b")
+    return results["b"]
+
+
+def test_a_queued_request_loads_ahead_while_it_waits(
+    mesh: WorkerMesh, remote: RangedHttp, demo_models: Path, spans: SpanLog
+) -> None:
+    def ahead_fetched(lora: str) -> None:
+        # The load-ahead Acquire of B's LoRA ends while A still holds the device.
+        wait_for(lambda: spans.acquire_end(lora) is not None, "B's LoRA to be fetched ahead", 60)
+
+    b = _queued_behind_a_blocked_request(mesh, remote, demo_models, "dm", ahead_fetched)
+    lora = [load for load in b.loads if load.component_id.startswith("lora-ahead")]
+    assert [load.source_tier for load in lora] == [common_pb2.TIER_HOST]  # in HOST when B got the device
+
+
+def test_lru_mode_loads_on_demand(mesh: WorkerMesh, remote: RangedHttp, demo_models: Path) -> None:
+    with worker_on(mesh, "wk-lru-ahead", policy="lru") as lru:
+        b = _queued_behind_a_blocked_request(lru, remote, demo_models, "lru", lambda _: None)
+    lora = [load for load in b.loads if load.component_id.startswith("lora-ahead")]
+    assert [load.source_tier for load in lora] == [common_pb2.TIER_REMOTE]  # fetched once B held the device

@@ -9,8 +9,10 @@ denoising step (loading, if under way, completes and stays cached), and frees th
 With a coordinator, the worker also pushes its load on every change
 (:mod:`~diffmesh_worker.load_reporter`) and, under ``DIFFMESH_POLICY=diffmesh``, follows
 the coordinator's plans: its HOT replicas are pinned and pre-built while the device is idle
-(:mod:`~diffmesh_worker.plan_executor`). The device tier evicts with the shared utility
-policy, or LRU under ``DIFFMESH_POLICY=lru`` (:mod:`~diffmesh_worker.device_eviction`).
+(:mod:`~diffmesh_worker.plan_executor`), and the next queued request's components are
+fetched into HOST while it waits (:mod:`~diffmesh_worker.load_ahead`). The device tier
+evicts with the shared utility policy, or LRU under ``DIFFMESH_POLICY=lru``
+(:mod:`~diffmesh_worker.device_eviction`).
 
 With ``DIFFMESH_WORKER_STANDBY=true`` the worker starts as a warm standby: everything is
 imported and built that needs no instance manager, coordinator or device memory, and the
@@ -56,6 +58,7 @@ from diffmesh_worker.assemble import DevicePlacement
 from diffmesh_worker.device_cache import DeviceCache
 from diffmesh_worker.device_eviction import DeviceUsage, eviction_policy
 from diffmesh_worker.devices import default_cache_bytes, memory, resolve_device
+from diffmesh_worker.load_ahead import LoadAhead
 from diffmesh_worker.load_reporter import LoadReporter
 from diffmesh_worker.loader import Loader, PipelineParts
 from diffmesh_worker.plan_executor import PlanExecutor
@@ -129,6 +132,8 @@ class WorkerApp:
         self._loader: Loader | None = None
         self._channels: list[aio.Channel] = []
         self._tasks: set[asyncio.Task[object]] = set()
+        self._ahead_done: set[asyncio.Task[None]] = set()
+        """Load-ahead leases being released (:mod:`~diffmesh_worker.load_ahead`)."""
         self._port = 0
         self._mark_health: HealthMarker | None = None
         # None: active (started normally, or activated); set: on standby.
@@ -306,6 +311,11 @@ class WorkerApp:
             _, busy = await asyncio.wait(list(self._tasks), timeout=STOP_WAIT_S)
             if busy:
                 log.warning("runs still busy at stop", extra={"runs": len(busy)})
+        if self._ahead_done:
+            # Releases of load-ahead leases: an Acquire still under way is given up (its lease expires at the IM).
+            _, pending = await asyncio.wait(list(self._ahead_done), timeout=STOP_WAIT_S / 10)
+            for t in pending:
+                t.cancel()
         if self._loader is not None:
             await self._loader.release_removed(self.cache.clear())
         if self.load_reporter is not None:
@@ -318,6 +328,10 @@ class WorkerApp:
         self.executor.shutdown(wait=True)
         self.skeletons.close()
         self.mapper.forget_all()
+
+    def _loads_ahead(self) -> bool:
+        """Whether queued requests load ahead (:mod:`~diffmesh_worker.load_ahead`)."""
+        return self.settings.load_ahead and self.mode is PolicyMode.DIFFMESH and self._loader is not None
 
     # --- residency ----------------------------------------------------------------------
 
@@ -386,10 +400,14 @@ class WorkerApp:
         cancelled = threading.Event()
         events: asyncio.Queue[worker_pb2.RunResponse] = asyncio.Queue()
         getter: asyncio.Future[worker_pb2.RunResponse] | None = None
+        ahead: LoadAhead | None = None
         try:
             with _tracer.start_as_current_span("worker.queue") as span:
                 async for position in self.slot.positions(ticket):
                     span.set_attribute("position", position)
+                    if position == 1 and ahead is None and self._loads_ahead():
+                        assert self._loader is not None
+                        ahead = LoadAhead.start(self._loader, self.cache, PipelineParts.of_job(job), job.request_id)
                     yield worker_pb2.RunResponse(
                         queued=common_pb2.ProgressQueued(position=position, worker_id=self.settings.worker_id)
                     )
@@ -420,6 +438,10 @@ class WorkerApp:
                 yield worker_pb2.RunResponse(result=task.result())
                 return
         finally:
+            if ahead is not None:
+                releasing = asyncio.create_task(ahead.finish(), name=f"load-ahead-done-{job.request_id}")
+                self._ahead_done.add(releasing)
+                releasing.add_done_callback(self._ahead_done.discard)
             if getter is not None and not getter.done():
                 getter.cancel()
             if task is None:

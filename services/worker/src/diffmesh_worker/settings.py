@@ -38,6 +38,11 @@ class WorkerSettings(ServiceSettings):
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="`auto` (CUDA when present, else CPU), `cpu` or `cuda[:N]`."
     )
     max_queue: int = Field(16, ge=0, description="Requests that may wait for the device; beyond that `RESOURCE_EXHAUSTED`.")
+    load_ahead: bool = Field(
+        True,
+        description="Under `DIFFMESH_POLICY=diffmesh`, the next queued request's missing components are fetched into HOST "
+        "while it waits, so the device does not idle through the fetch once the request runs.",
+    )
     cache_bytes: int = Field(
         0, ge=0, description="Device-tier budget in bytes; 0 = 80 % of GPU memory (CUDA) or 50 % of RAM (CPU)."
     )
