@@ -215,9 +215,9 @@ def band_groups(
 
     Tail traffic cannot evict head pipelines anyway: the plan pins their copies, and a
     worker's pinned bytes are not usable by other pipelines (:func:`fits`). An earlier
-    version kept COLD requests off the pool while a worker outside it had room; with a
-    fifth to a third of the requests COLD it queued them on half the workers while the
-    pool's workers idled, and the simulator (:mod:`diffmesh.sim.engine`, plain ECT with
+    version kept COLD requests off the pool while a worker outside it had room: a
+    request could then queue behind others there while a pool worker would have
+    finished it sooner, and the simulator (:mod:`diffmesh.sim.engine`, plain ECT with
     pins) never did that.
 
     ``in_hot_pool`` marks the workers holding any HOT pipeline's replica, ``replica`` the
