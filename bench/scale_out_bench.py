@@ -33,15 +33,12 @@ Nothing gates on time: the 2 s target is printed as met / not met.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +46,7 @@ from typing import Any
 import grpc
 from diffmesh.artifacts import artifact_bytes, artifact_sha256
 from diffmesh.client import Lora, build_params, build_pipeline
+from diffmesh.file_lock import exclusive
 from diffmesh.launcher.processes import ChildProcess, ServiceFailed, ServiceSpec, free_port, shm_segments
 from diffmesh.redis_server import RedisServer
 from diffmesh.shm import SHM_DIR, node_lock_path, node_prefix
@@ -114,17 +112,6 @@ def say(line: str) -> None:
 # --- the model set -----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (two bench runs of one model set take turns)."""
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _catalog_current(catalog: Path, width: int, rank: int) -> bool:
     try:
         doc = json.loads(catalog.read_text())
@@ -146,7 +133,7 @@ def ensure_models(models_dir: Path, width: int, rank: int) -> Path:
     if _catalog_current(catalog, width, rank):
         return catalog
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root / ".lock"):
+    with exclusive(root / ".lock"):
         if _catalog_current(catalog, width, rank):
             return catalog
         say(f"generating the model set in {root} (once): UNet width {width}, LoRA rank {rank}")

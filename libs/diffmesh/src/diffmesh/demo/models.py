@@ -18,7 +18,6 @@ Layout under ``root``::
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from typing import Any
 
 from diffmesh.artifacts import artifact_bytes, artifact_sha256
 from diffmesh.demo.tokenizer import build_tokenizer, special_ids
+from diffmesh.file_lock import exclusive
 from diffmesh.safetensors_header import canonicalize_header
 
 FAMILY = "sd15"
@@ -297,7 +297,7 @@ def write_demo_models(root: Path, *, force: bool = False, progress: Progress | N
         return catalog_path
 
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root / LOCK_NAME):
+    with exclusive(root / LOCK_NAME):
         # Another process may have finished the set while this one waited for the lock.
         if not force and _catalog_is_current(root):
             say(f"demo models in {root} are up to date")
@@ -311,17 +311,6 @@ def write_demo_models(root: Path, *, force: bool = False, progress: Progress | N
         os.replace(tmp, catalog_path)
     say(f"catalog     {catalog_path} ({len(catalog['components'])} components)")
     return catalog_path
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path`` (two writers of one folder take turns)."""
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextmanager

@@ -18,16 +18,15 @@ Files live under one folder per ``(width, lora_ratio)`` and are reused across ru
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from diffmesh.artifacts import artifact_bytes, artifact_sha256
+from diffmesh.file_lock import exclusive
 
 GENERATOR = "diffmesh-replay/1"
 BASE_SEED = 7000
@@ -118,16 +117,6 @@ def rank_for_ratio(base_bytes: int, per_rank_bytes: int, ratio: float) -> int:
     return max(1, round(base_bytes / ratio / per_rank_bytes))
 
 
-@contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def set_folder(models_root: Path, width: int, lora_ratio: float) -> Path:
     """The folder of the model set for ``width`` and ``lora_ratio`` under ``models_root``."""
     return Path(models_root) / f"width{width}-lora1of{lora_ratio:g}"
@@ -146,7 +135,7 @@ def write_model_set(
     say = progress or (lambda _line: None)
     root = set_folder(models_root, width, lora_ratio).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root / LOCK):
+    with exclusive(root / LOCK):
         manifest = _read_manifest(root, width, lora_ratio)
         known: dict[str, ModelFile] = {m["id"]: ModelFile(**m) for m in manifest.get("components", [])}
         known = {k: m for k, m in known.items() if _intact(root, m)}
